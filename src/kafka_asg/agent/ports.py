@@ -1,0 +1,210 @@
+"""The node agent's side effects, each behind a small interface (Patroni's ``AbstractDCS`` style).
+
+The agent's decisions (``agent/decide.py``) are pure functions of a frozen :class:`~agent.snapshot`
+built from these; ``agent/fakes.py`` implements every interface in memory for unit tests.
+
+Error contract, for every method: transient failures raise :class:`~kafka_asg.errors.Unavailable`
+(already retried by :mod:`kafka_asg.retry` inside the implementation, bounded by its deadline);
+losing a race for a slot resource raises :class:`~kafka_asg.errors.ClaimLost`; a missing object raises
+:class:`~kafka_asg.errors.NotFoundError`; OS failures raise ``HostError``; server failures ``ServiceError``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Literal
+
+# ----------------------------------------------------------------------------------------- IMDS
+
+
+@dataclass(frozen=True)
+class InstanceIdentity:
+    """What IMDSv2 tells an instance about itself."""
+
+    instance_id: str
+    region: str
+    az: str
+    az_id: str
+    mac: str  # primary NIC
+    subnet_id: str
+    subnet_cidr: IPv4Network
+    vpc_id: str
+    local_ipv4: IPv4Address
+
+
+class Imds(ABC):
+    """IMDSv2 client: token PUT, then GETs with the token (cloud-init's ``DataSourceEc2`` behaviour)."""
+
+    @abstractmethod
+    def identity(self) -> InstanceIdentity: ...
+
+    @abstractmethod
+    def target_lifecycle_state(self) -> str | None:
+        """``autoscaling/target-lifecycle-state`` (e.g. ``InService``, ``Warmed:Stopped``), None if absent."""
+
+    @abstractmethod
+    def nic_device_number(self, mac: str) -> int | None:
+        """``network/interfaces/macs/<mac>/device-number``; None until IMDS knows the NIC."""
+
+
+# ---------------------------------------------------------------------------------------- Cloud
+
+InstanceState = Literal["pending", "running", "shutting-down", "terminated", "stopping", "stopped"]
+
+
+@dataclass(frozen=True)
+class EniView:
+    eni_id: str
+    slot: int
+    ip: IPv4Address
+    mac: str
+    subnet_id: str
+    status: str  # "available" | "in-use" | "attaching" | "detaching"
+    attached_to: str | None  # instance id of the current attachment, if any
+    attachment_status: str | None  # "attaching" | "attached" | "detaching" | "detached"
+
+
+@dataclass(frozen=True)
+class VolumeView:
+    volume_id: str
+    slot: int
+    role: str  # zk-data | zk-txlog | kafka-log
+    az: str
+    state: str  # "available" | "in-use" | "creating" | ...
+    attached_to: str | None
+    device: str | None  # the API device name of the attachment (e.g. /dev/sdf)
+
+
+class Cloud(ABC):
+    """EC2, Auto Scaling and S3, as the agent needs them (boto3 in ``agent/aws.py``)."""
+
+    @abstractmethod
+    def slot_enis(self, cluster: str, subnet_id: str) -> Sequence[EniView]:
+        """The cluster's slot ENIs in this subnet (found by tags, never by guessing)."""
+
+    @abstractmethod
+    def attach_eni(self, eni_id: str, instance_id: str, device_index: int) -> None:
+        """The attach call is the lock. ``ClaimLost`` on ``InvalidNetworkInterface.InUse``."""
+
+    @abstractmethod
+    def slot_volumes(self, cluster: str, slot: int) -> Sequence[VolumeView]: ...
+
+    @abstractmethod
+    def attach_volume(self, volume_id: str, instance_id: str, device: str) -> None:
+        """``ClaimLost`` on ``VolumeInUse``."""
+
+    @abstractmethod
+    def instance_state(self, instance_id: str) -> InstanceState | None:
+        """State of another instance (the holder of a slot); None if EC2 no longer knows it."""
+
+    @abstractmethod
+    def set_scale_in_protection(self, asg_name: str, instance_id: str, protected: bool) -> None: ...
+
+    @abstractmethod
+    def report(self, instance_id: str, tags: Mapping[str, str]) -> None:
+        """Publish the agent's state as tags on its own instance (read by ``kafka-asg status``)."""
+
+    @abstractmethod
+    def get_object(self, bucket: str, key: str) -> bytes:
+        """``NotFoundError`` naming bucket and key when the object is missing."""
+
+    @abstractmethod
+    def download(self, bucket: str, key: str, dest: Path) -> None: ...
+
+
+# ----------------------------------------------------------------------------------------- Host
+
+
+@dataclass(frozen=True)
+class NicState:
+    ifname: str
+    mac: str
+    up: bool
+    addresses: tuple[IPv4Address, ...]
+    has_policy_route: bool  # "ip rule from <addr> lookup <table>" present with a default route in it
+
+
+@dataclass(frozen=True)
+class DiskState:
+    device: Path  # resolved block device
+    filesystem: str | None  # blkid TYPE, None = no filesystem
+    label: str | None
+    mounted_at: Path | None
+
+
+class Host(ABC):
+    """The instance's operating system: NICs, block devices, filesystems (``agent/linux.py``)."""
+
+    @abstractmethod
+    def nic_by_mac(self, mac: str) -> NicState | None: ...
+
+    @abstractmethod
+    def configure_nic(self, ifname: str, ip: IPv4Address, subnet: IPv4Network, table: int) -> None:
+        """Address, link up, and policy routing so replies from ``ip`` leave through ``ifname``:
+        ``ip rule from <ip> lookup <table>`` + default via the subnet router in that table (what AL2023's
+        amazon-ec2-net-utils installs: table 10000+device-number)."""
+
+    @abstractmethod
+    def disk(self, volume_id: str) -> DiskState | None:
+        """The volume's block device, found under /dev/disk/by-id by volume id; None if not (yet) there."""
+
+    @abstractmethod
+    def make_filesystem(self, device: Path, label: str) -> None:
+        """mkfs.ext4. Callers must have checked ``filesystem is None``; implementations re-check with blkid
+        and raise HostError rather than format a device that has a filesystem."""
+
+    @abstractmethod
+    def mount(self, device: Path, mountpoint: Path) -> None: ...
+
+    @abstractmethod
+    def read_file(self, path: Path) -> str | None:
+        """None if the file does not exist."""
+
+    @abstractmethod
+    def write_file(self, path: Path, data: str | bytes, mode: int = 0o644) -> None:
+        """Atomic write."""
+
+
+# -------------------------------------------------------------------------------------- Services
+
+ServerName = Literal["zookeeper", "kafka"]
+ZkMode = Literal["leader", "follower", "standalone", "not serving", "down"]
+
+
+@dataclass(frozen=True)
+class ServerState:
+    name: ServerName
+    running: bool
+    pid: int | None
+    restarts: int
+    next_start_at: float | None  # backoff: monotonic time before which no restart is attempted
+
+
+class Services(ABC):
+    """Install, run, supervise and probe ZooKeeper and Kafka (``agent/servers.py``)."""
+
+    @abstractmethod
+    def install(self, name: ServerName, archive: Path) -> Path:
+        """Unpack the archive (once per version) and return the install directory."""
+
+    @abstractmethod
+    def start(self, name: ServerName, config: Path, env: Mapping[str, str]) -> None: ...
+
+    @abstractmethod
+    def stop(self, name: ServerName, timeout: float) -> None:
+        """SIGTERM (Kafka: controlled shutdown), then SIGKILL after ``timeout``."""
+
+    @abstractmethod
+    def state(self, name: ServerName) -> ServerState: ...
+
+    @abstractmethod
+    def zk_mode(self, address: IPv4Address, port: int) -> ZkMode:
+        """``srvr`` and *read* the answer: ``srvr`` answers even when the server is not in a quorum."""
+
+    @abstractmethod
+    def broker_registered(self, zk_connect: str, broker_id: int) -> bool:
+        """``/brokers/ids/<id>`` exists in ZooKeeper."""
