@@ -1,0 +1,66 @@
+"""Pure parts of `status` and `verify`: rows from EC2 facts, srvr answers, quorum and broker checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from kafka_asg.status import EniFacts, InstanceFacts, build_rows, render_table
+from kafka_asg.verify import brokers_from_metadata, quorum_problems, zk_mode_from_srvr
+
+SERVING = {
+    "kafka-asg:state": "serving",
+    "kafka-asg:zk-mode": "follower",
+    "kafka-asg:broker": "registered",
+    "kafka-asg:decision": "no action: zookeeper follower, broker 1 registered",
+}
+
+
+def test_rows_per_slot_then_surplus() -> None:
+    enis = [
+        EniFacts("eni-2", 2, "10.0.0.21", "eu-west-1b", "i-b"),
+        EniFacts("eni-1", 1, "10.0.0.53", "eu-west-1a", "i-a"),
+        EniFacts("eni-3", 3, "10.0.0.37", "eu-west-1c", None),
+    ]
+    instances = [
+        InstanceFacts("i-a", "eu-west-1a", "running", SERVING),
+        InstanceFacts("i-b", "eu-west-1b", "running", {"kafka-asg:state": "booting"}),
+        InstanceFacts("i-s", "eu-west-1a", "running", {"kafka-asg:state": "standby"}),
+        InstanceFacts("i-dead", "eu-west-1c", "terminated", {}),
+    ]
+    rows = build_rows(enis, instances)
+    assert [r.slot for r in rows] == [1, 2, 3, None]
+    assert rows[0].is_serving
+    assert not rows[1].is_serving and rows[1].agent == "booting"
+    assert rows[2].instance == "-" and rows[2].decision == "free slot"
+    assert rows[3].instance == "i-s" and rows[3].agent == "standby"
+    table = render_table(rows)
+    assert table.splitlines()[0].startswith("SLOT")
+    assert "surplus" in table.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("answer", "mode"),
+    [
+        ("Zookeeper version: 3.8.7\nLatency min/avg/max: 0/0.0/0\nMode: leader\nNode count: 5\n", "leader"),
+        ("Zookeeper version: 3.8.7\nMode: follower\n", "follower"),
+        ("Mode: standalone\n", "standalone"),
+        # What a lone server says; `nc` still exits 0, which is why the answer must be read.
+        ("This ZooKeeper instance is not currently serving requests\n", "not serving"),
+        ("", "no answer"),
+    ],
+)
+def test_srvr_answers(answer: str, mode: str) -> None:
+    assert zk_mode_from_srvr(answer) == mode
+
+
+def test_quorum_needs_exactly_one_leader() -> None:
+    assert quorum_problems({1: "leader", 2: "follower", 3: "follower"}) == []
+    assert quorum_problems({1: "follower", 2: "follower", 3: "follower"}) == [
+        "expected exactly one ZooKeeper leader, found 0 (slots [])"
+    ]
+    assert quorum_problems({1: "leader", 2: "not serving", 3: "follower"}) == ["slot 2: ZooKeeper not serving"]
+
+
+def test_brokers_from_kcat_metadata() -> None:
+    doc = '{"brokers": [{"id": 2, "name": "10.0.0.21:9095"}, {"id": 1, "name": "10.0.0.53:9095"}], "topics": []}'
+    assert brokers_from_metadata(doc) == {1: "10.0.0.53:9095", 2: "10.0.0.21:9095"}
