@@ -1,0 +1,569 @@
+"""Server archives from Maven Central, and the node agent as one zipapp (``kafka-asg artifacts build|list``).
+
+No Kafka broker package exists outside Apache's download site, but Maven Central serves every jar of a
+distribution (docs/aws-kafka-mechanics.md §6). We let Maven resolve a server's runtime classpath from a tiny
+generated POM, add our own short ``bin/`` scripts and log configs (``artifacts_data/``), and pack the result
+with the official layout, so the agent installs it exactly like Apache's tarball. The agent itself ships as a
+shiv zipapp with its pinned dependencies, runnable by a bare ``python3.11``.
+
+Every output lands in :attr:`CachePaths.artifacts_dir` with a ``.sha256`` beside it and a ``.recipe`` (the
+digest of what it was built from); it is reused while both still match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import gzip
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+import kafka_asg
+from kafka_asg.config import ClusterConfig, ServerSpec
+from kafka_asg.errors import ConfigError, HostError, NotFoundError, Unavailable
+from kafka_asg.fsutil import atomic_write
+from kafka_asg.paths import CachePaths
+from kafka_asg.retry import Retry
+
+logger = logging.getLogger(__name__)
+
+AGENT_KEY = "agent/kafka-asg-agent.pyz"
+AGENT_FILE = "kafka-asg-agent.pyz"
+AGENT_SCRIPT = "kafka-asg-agent"
+DATA_DIR = Path(__file__).parent / "artifacts_data"
+PACKAGE_DIR = Path(kafka_asg.__file__).parent
+
+# Bump to rebuild every archive when the packing itself changes (the recipe digest covers the rest).
+RECIPE_FORMAT = "1"
+DEPENDENCY_PLUGIN_VERSION = "3.8.1"
+# dependency:copy 3.x reads each item's POM (and fails on a missing parent); 2.8 copies just the jar file.
+JAR_ONLY_COPY_GOAL = "org.apache.maven.plugins:maven-dependency-plugin:2.8:copy"
+SCALA_VERSION = "2.13"
+# Every archive member gets this mtime (1980-01-01, the zip epoch) so equal inputs give equal archives.
+FIXED_MTIME = 315532800
+
+# Central serves zookeeper-3.8.7.pom but not the parent-3.8.7.pom it inherits its dependency versions from
+# (404 on repo.maven.apache.org, checked 2026-11-25), so Maven cannot read 3.8.7's dependency list. Its
+# module POM differs from 3.8.6's only in a provided-scope jline classifier, so we resolve the runtime
+# classpath of the mapped release and swap in the requested version's own two jars.
+ZOOKEEPER_DEPENDENCY_BASE: Mapping[str, str] = {"3.8.7": "3.8.6"}
+ZOOKEEPER_OWN_JARS = ("zookeeper", "zookeeper-jute")
+
+# Kafka 3.x logs through slf4j 1.7 + reload4j, as Apache's 3.9 tarball ships it (log4j 1 is gone since 3.2.0).
+KAFKA3_LOG_BACKEND = (("org.slf4j", "slf4j-reload4j", "1.7.36"), ("ch.qos.reload4j", "reload4j", "1.2.25"))
+
+# Different artifacts that share a file stem (com.yammer.metrics vs io.dropwizard.metrics); Apache's tarball
+# ships both too. Any other stem seen with two versions is a duplicate.
+DISTINCT_SAME_STEM = frozenset({"metrics-core"})
+
+# The agent's runtime dependencies, pinned from requirements.lock (moto, flask and dev tools stay out).
+AGENT_REQUIREMENTS = ("boto3", "botocore", "s3transfer", "jmespath", "python-dateutil", "six", "urllib3", "kazoo")
+# Services the agent calls; botocore/data is pruned to these (plus its top-level files: endpoints.json,
+# partitions.json, sdk-default-configuration.json, _retry.json, which botocore reads at import/client creation).
+AGENT_AWS_SERVICES = ("ec2", "autoscaling", "s3", "sts")
+
+Progress = Callable[[str], None]
+
+
+def _log_progress(message: str) -> None:
+    logger.info("%s", message)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One bucket object."""
+
+    key: str  # S3 key: cfg.zookeeper.archive_key / cfg.kafka.archive_key / AGENT_KEY
+    path: Path
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ArtifactSet:
+    zookeeper: Artifact
+    kafka: Artifact
+    agent: Artifact
+
+    @property
+    def objects(self) -> dict[str, Path]:
+        """S3 key -> local file, for ``ProvisionInputs.objects``."""
+        return {a.key: a.path for a in (self.zookeeper, self.kafka, self.agent)}
+
+
+# ============================================================================ recipes (pure)
+
+
+@dataclass(frozen=True)
+class Coordinate:
+    group: str
+    artifact: str
+    version: str | None = None  # None: managed by the parent POM
+
+    def xml(self, tag: str, indent: str) -> str:
+        version = f"<version>{self.version}</version>" if self.version else ""
+        ids = f"<groupId>{self.group}</groupId><artifactId>{self.artifact}</artifactId>"
+        return f"{indent}<{tag}>{ids}{version}</{tag}>"
+
+
+@dataclass(frozen=True)
+class MavenRecipe:
+    """How to build one server archive from Maven Central."""
+
+    archive_name: str  # file name in the cache, e.g. kafka_2.13-3.9.2.tgz
+    top_dir: str  # the archive's single top directory
+    lib_dir: str  # "lib" (ZooKeeper) or "libs" (Kafka), as in Apache's tarballs
+    data: str  # subdirectory of artifacts_data with bin/ and conf/ or config/
+    parent: Coordinate | None
+    dependencies: tuple[Coordinate, ...]
+    exclude: tuple[str, ...] = ()  # artifactIds dropped from the resolved classpath
+    extra_jars: tuple[Coordinate, ...] = ()  # copied without their dependencies
+
+    @property
+    def maven_goals(self) -> tuple[str, ...]:
+        goals = ("dependency:copy-dependencies",)
+        return (*goals, JAR_ONLY_COPY_GOAL) if self.extra_jars else goals
+
+
+def zookeeper_recipe(version: str) -> MavenRecipe:
+    base = ZOOKEEPER_DEPENDENCY_BASE.get(version, version)
+    swap = base != version
+    # Inherit ZooKeeper's parent POM so logback-classic and metrics-core come in the versions ZooKeeper was
+    # built against; they are optional/provided in ZooKeeper's own POM, so they would not come transitively.
+    return MavenRecipe(
+        archive_name=f"apache-zookeeper-{version}-bin.tar.gz",
+        top_dir=f"apache-zookeeper-{version}-bin",
+        lib_dir="lib",
+        data="zookeeper",
+        parent=Coordinate("org.apache.zookeeper", "parent", base),
+        dependencies=(
+            Coordinate("org.apache.zookeeper", "zookeeper", base),
+            Coordinate("ch.qos.logback", "logback-classic"),
+            # Provided-scope jars the server loads anyway, as Apache's bin tarball ships them: the default
+            # metrics provider needs Dropwizard's Reservoir, snapshot naming touches snappy, the tools commons-cli.
+            Coordinate("io.dropwizard.metrics", "metrics-core"),
+            Coordinate("org.xerial.snappy", "snappy-java"),
+            Coordinate("commons-cli", "commons-cli"),
+        ),
+        exclude=ZOOKEEPER_OWN_JARS if swap else (),
+        extra_jars=tuple(Coordinate("org.apache.zookeeper", a, version) for a in ZOOKEEPER_OWN_JARS) if swap else (),
+    )
+
+
+def kafka_recipe(version: str) -> MavenRecipe:
+    if not version.startswith("3."):
+        raise ConfigError(
+            [f"kafka.version = {version!r}: only Kafka 3.x (ZooKeeper mode) archives can be built; use 3.9.2"]
+        )
+    name = f"kafka_{SCALA_VERSION}-{version}"
+    return MavenRecipe(
+        archive_name=f"{name}.tgz",
+        top_dir=name,
+        lib_dir="libs",
+        data="kafka",
+        parent=None,
+        dependencies=(
+            Coordinate("org.apache.kafka", f"kafka_{SCALA_VERSION}", version),
+            # The admin CLIs (TopicCommand, ConsoleConsumer) live in kafka-tools since 3.5-3.7.
+            Coordinate("org.apache.kafka", "kafka-tools", version),
+            *(Coordinate(g, a, v) for g, a, v in KAFKA3_LOG_BACKEND),
+        ),
+    )
+
+
+def render_pom(recipe: MavenRecipe) -> str:
+    parent = recipe.parent.xml("parent", "  ").replace("</parent>", "<relativePath/></parent>") if recipe.parent else ""
+    return Template((DATA_DIR / "pom.xml.in").read_text()).substitute(
+        parent=parent,
+        artifact_id=re.sub(r"[^A-Za-z0-9_.-]", "-", recipe.top_dir),
+        dependencies="\n".join(d.xml("dependency", "    ") for d in recipe.dependencies),
+        plugin_version=DEPENDENCY_PLUGIN_VERSION,
+        exclude_artifact_ids=",".join(recipe.exclude),
+        artifact_items="\n".join(c.xml("artifactItem", "            ") for c in recipe.extra_jars),
+    )
+
+
+def _tree_files(root: Path) -> Iterator[Path]:
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
+            yield path
+
+
+def tree_digest(root: Path, extra: Iterable[str] = ()) -> str:
+    """sha256 over the relative paths, executable bits and contents of the files under ``root``."""
+    digest = hashlib.sha256()
+    for item in extra:
+        digest.update(item.encode() + b"\0")
+    for path in _tree_files(root):
+        digest.update(f"{path.relative_to(root).as_posix()}\0{os.access(path, os.X_OK)}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def recipe_digest(recipe: MavenRecipe) -> str:
+    return tree_digest(DATA_DIR / recipe.data, (RECIPE_FORMAT, render_pom(recipe), recipe.lib_dir, recipe.top_dir))
+
+
+_JAR_NAME = re.compile(r"^(?P<stem>.+?)-(?P<version>\d[^-]*(?:-.*)?)\.jar$")
+
+
+def duplicate_jars(names: Iterable[str]) -> list[str]:
+    """Jar file names whose artifact appears with more than one version (one would shadow the other)."""
+    versions: dict[str, list[str]] = {}
+    for name in names:
+        match = _JAR_NAME.match(name)
+        stem = match.group("stem") if match else name
+        versions.setdefault(stem, []).append(name)
+    return sorted(n for stem, ns in versions.items() if len(ns) > 1 and stem not in DISTINCT_SAME_STEM for n in ns)
+
+
+def maven_failure(output: str) -> Unavailable | HostError:
+    """Classify a failed Maven run: network trouble is worth a retry, anything else is not."""
+    tail = "\n".join([line for line in output.splitlines() if "[ERROR]" in line][:6]) or output[-2000:]
+    transient = ("Could not transfer artifact", "Connection reset", "Connect to", "timed out", "Temporary failure")
+    if any(t in output for t in transient):
+        return Unavailable(f"maven could not download from Maven Central:\n{tail}")
+    return HostError(
+        f"maven failed:\n{tail}\nCheck that the versions in the config exist on https://repo.maven.apache.org "
+        "(a release whose parent POM is missing needs an entry in artifacts.ZOOKEEPER_DEPENDENCY_BASE)."
+    )
+
+
+def agent_requirements(lock_text: str) -> list[str]:
+    """``name==version`` pins for the agent's runtime dependencies, taken from requirements.lock."""
+    pins: dict[str, str] = {}
+    for raw in lock_text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            pins[re.sub(r"[-_.]+", "-", name.strip().lower())] = version.strip()
+    missing = [n for n in AGENT_REQUIREMENTS if n not in pins]
+    if missing:
+        raise ConfigError([f"requirements.lock pins no version of {', '.join(missing)}: add them (pip freeze)"])
+    return [f"{n}=={pins[n]}" for n in AGENT_REQUIREMENTS]
+
+
+def prune_botocore_data(data_dir: Path, keep: Sequence[str]) -> int:
+    """Delete the service models the agent never loads; returns bytes freed.
+
+    botocore's loader resolves ``<data>/<service>/<api-version>/service-2.json`` only for clients created,
+    and reads the top-level files (endpoints, partitions, defaults, retry config) for every client, so the
+    top-level files all stay.
+    """
+    freed = 0
+    for entry in data_dir.iterdir():
+        if entry.is_dir() and entry.name not in keep:
+            freed += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+            shutil.rmtree(entry)
+    return freed
+
+
+# ============================================================================ the cache
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sidecar(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def cached_artifact(key: str, path: Path, recipe: str, *, accept_stale: bool = False) -> Artifact | None:
+    """The cached file if it is there and its content still matches its ``.sha256``, and it was built from
+    ``recipe`` (or, with ``accept_stale``, from an older recipe: still a working file, just not the newest)."""
+    sums, recipe_file = _sidecar(path, ".sha256"), _sidecar(path, ".recipe")
+    if not (path.is_file() and sums.is_file() and recipe_file.is_file()):
+        return None
+    recorded = (sums.read_text().split() or [""])[0]
+    actual = sha256_file(path)
+    if actual != recorded:
+        logger.warning("%s does not match its .sha256 (corrupt or truncated): not using it", path)
+        return None
+    if recipe_file.read_text().strip() != recipe:
+        if not accept_stale:
+            logger.info("%s was built from an older recipe or source: rebuilding", path.name)
+            return None
+        logger.warning("%s was built from an older recipe or source; `kafka-asg artifacts build` renews it", path)
+    return Artifact(key=key, path=path, sha256=actual, size=path.stat().st_size)
+
+
+def _record(key: str, path: Path, recipe: str) -> Artifact:
+    sha = sha256_file(path)
+    atomic_write(_sidecar(path, ".sha256"), f"{sha}  {path.name}\n")
+    atomic_write(_sidecar(path, ".recipe"), recipe + "\n")
+    return Artifact(key=key, path=path, sha256=sha, size=path.stat().st_size)
+
+
+# ============================================================================ building (side effects)
+
+
+@contextmanager
+def build_lock(cache: CachePaths) -> Iterator[None]:
+    """One build at a time per cache (``up`` and a test may race): builds share ``maven_work_dir``."""
+    cache.root.mkdir(parents=True, exist_ok=True)
+    with (cache.root / "build.lock").open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _run(cmd: Sequence[str], cwd: Path, what: str) -> None:
+    logger.debug("%s: %s", what, " ".join(cmd))
+    try:
+        proc = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        hint = " (apt-get install maven)" if cmd[0] == "mvn" else " (pip install -e '.[dev]')"
+        raise HostError(f"{what}: {cmd[0]} is not installed{hint}: {exc}") from exc
+    if proc.returncode != 0:
+        output = proc.stdout + proc.stderr
+        if cmd[0] == "mvn":
+            raise maven_failure(output)
+        raise HostError(f"{what} failed (exit {proc.returncode}):\n{output[-3000:]}")
+
+
+def _add_tree(tar: tarfile.TarFile, src: Path, arcname: str) -> None:
+    """Add ``src`` with normalised metadata (root-owned, fixed mtime) so equal inputs give equal archives."""
+    for path in [src, *sorted(src.rglob("*"))]:
+        rel = path.relative_to(src).as_posix()
+        info = tar.gettarinfo(str(path), arcname=arcname if rel == "." else f"{arcname}/{rel}")
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        info.mtime = FIXED_MTIME
+        info.mode = 0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644
+        if path.is_file():
+            with path.open("rb") as fh:
+                tar.addfile(info, fh)
+        else:
+            tar.addfile(info)
+
+
+def pack_tree(src: Path, arcname: str, dest: Path) -> None:
+    """Write ``src`` as ``dest`` (.tar.gz) with one top directory ``arcname``; atomic."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    try:
+        # A fixed gzip header mtime too, so equal inputs give byte-identical archives.
+        with (
+            os.fdopen(fd, "wb") as raw,
+            gzip.GzipFile(fileobj=raw, mode="wb", mtime=FIXED_MTIME) as gz,
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
+            _add_tree(tar, src, arcname)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_server_archive(recipe: MavenRecipe, cache: CachePaths, progress: Progress = _log_progress) -> Path:
+    """Resolve the jars with Maven, add scripts and configs, pack ``recipe.archive_name`` into the cache."""
+    work = cache.maven_work_dir / recipe.top_dir
+    shutil.rmtree(work, ignore_errors=True)
+    stage = work / "stage" / recipe.top_dir
+    libs = stage / recipe.lib_dir
+    libs.mkdir(parents=True)
+    atomic_write(work / "pom.xml", render_pom(recipe))
+    cmd = ["mvn", "-B", "-q", "-f", str(work / "pom.xml"), *recipe.maven_goals, f"-DoutputDirectory={libs}"]
+    started = time.monotonic()
+    progress(f"resolving {recipe.top_dir} from Maven Central (first build downloads ~100 MB)")
+    # Only network failures are retried (maven_failure); a missing artifact fails at once.
+    Retry(deadline=600, max_tries=3, delay=5)(f"maven {recipe.top_dir}", lambda: _run(cmd, work, "maven"))
+    jars = sorted(p.name for p in libs.glob("*.jar"))
+    duplicates = duplicate_jars(jars)
+    if duplicates:
+        raise HostError(f"{recipe.top_dir}: the classpath has two versions of a jar: {', '.join(duplicates)}")
+    shutil.copytree(DATA_DIR / recipe.data, stage, dirs_exist_ok=True)
+    dest = cache.artifacts_dir / recipe.archive_name
+    pack_tree(stage, recipe.top_dir, dest)
+    shutil.rmtree(work / "stage", ignore_errors=True)
+    progress(
+        f"built {dest.name}: {len(jars)} jars, {dest.stat().st_size / 1e6:.1f} MB in {time.monotonic() - started:.0f}s"
+    )
+    return dest
+
+
+def _server_artifact(
+    spec: ServerSpec, recipe: MavenRecipe, cache: CachePaths, build: bool = False, progress: Progress = _log_progress
+) -> Artifact:
+    if spec.source is not None:
+        return _source_artifact(spec)
+    path = cache.artifacts_dir / recipe.archive_name
+    digest = recipe_digest(recipe)
+    found = cached_artifact(spec.archive_key, path, digest, accept_stale=not build)
+    if found is not None:
+        return found
+    if not build:
+        raise NotFoundError(f"{recipe.archive_name} is not in {cache.artifacts_dir}: run `kafka-asg artifacts build`")
+    with build_lock(cache):
+        # Another process may have built it while we waited for the lock.
+        found = cached_artifact(spec.archive_key, path, digest)
+        if found is not None:
+            return found
+        build_server_archive(recipe, cache, progress)
+        return _record(spec.archive_key, path, digest)
+
+
+def _source_artifact(spec: ServerSpec) -> Artifact:
+    """A user-supplied archive (``source`` in the config): taken as is."""
+    assert spec.source is not None
+    if "://" in spec.source:
+        raise ConfigError([f"source = {spec.source!r}: URLs are not fetched; download the archive and give its path"])
+    path = Path(spec.source).expanduser()
+    if not path.is_file():
+        raise NotFoundError(f"source archive {path} does not exist: fix `source` in the config or remove it")
+    return Artifact(key=spec.archive_key, path=path, sha256=sha256_file(path), size=path.stat().st_size)
+
+
+def project_root(package_dir: Path = PACKAGE_DIR) -> Path:
+    """The source checkout the agent is built from (src layout: <root>/src/kafka_asg)."""
+    root = package_dir.parent.parent
+    if not (root / "pyproject.toml").is_file() or not (root / "requirements.lock").is_file():
+        raise NotFoundError(
+            f"building the agent needs the kafka-asg source checkout (pyproject.toml, requirements.lock) "
+            f"above {package_dir}; run from a clone installed with `pip install -e .`"
+        )
+    return root
+
+
+def agent_recipe(root: Path) -> str:
+    """What the zipapp depends on: the package source, the lock file, and the pruning rules."""
+    lock = (root / "requirements.lock").read_text()
+    return tree_digest(PACKAGE_DIR, (RECIPE_FORMAT, *agent_requirements(lock), *AGENT_AWS_SERVICES))
+
+
+def _console_script(root: Path, name: str) -> str:
+    scripts = tomllib.loads((root / "pyproject.toml").read_text()).get("project", {}).get("scripts", {})
+    if name not in scripts:
+        raise ConfigError([f"pyproject.toml [project.scripts] has no {name!r}"])
+    return str(scripts[name])
+
+
+def build_agent(cache: CachePaths, root: Path, progress: Progress = _log_progress) -> Path:
+    """Build the agent zipapp with shiv: this package plus its pinned runtime deps, botocore data pruned."""
+    started = time.monotonic()
+    dest = cache.artifacts_dir / AGENT_FILE
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # pip and shiv come from the environment running us (.venv), not from PATH.
+    bindir = Path(sys.executable).parent
+    with tempfile.TemporaryDirectory(prefix="agent-build.", dir=cache.root) as tmp:
+        site = Path(tmp) / "site-packages"
+        reqs = Path(tmp) / "requirements.txt"
+        reqs.write_text("\n".join(agent_requirements((root / "requirements.lock").read_text())) + "\n")
+        progress("installing the agent's pinned dependencies for the zipapp")
+        pip = [str(bindir / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        # --no-deps: exactly the pinned set, nothing the resolver would add.
+        _run([*pip, "--target", str(site), "--no-deps", "--no-compile", "-r", str(reqs)], Path(tmp), "pip install")
+        # The package is copied, not pip-installed: an in-tree build would write build/ into the checkout.
+        shutil.copytree(PACKAGE_DIR, site / "kafka_asg", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        freed = prune_botocore_data(site / "botocore" / "data", AGENT_AWS_SERVICES)
+        if (site / "boto3" / "data").is_dir():
+            freed += prune_botocore_data(site / "boto3" / "data", AGENT_AWS_SERVICES)
+        tmp_out = Path(tmp) / AGENT_FILE
+        shiv = [
+            str(bindir / "shiv"),
+            "--site-packages",
+            str(site),
+            "--entry-point",
+            _console_script(root, AGENT_SCRIPT),
+            "--python",
+            "/usr/bin/env python3",
+            "--reproducible",
+            "--output-file",
+            str(tmp_out),
+        ]
+        _run(shiv, Path(tmp), "shiv")
+        shutil.move(str(tmp_out), dest)
+    progress(
+        f"built {dest.name}: {dest.stat().st_size / 1e6:.1f} MB (botocore data pruned by {freed / 1e6:.0f} MB) "
+        f"in {time.monotonic() - started:.0f}s"
+    )
+    return dest
+
+
+def _agent_artifact(cache: CachePaths, build: bool = False, progress: Progress = _log_progress) -> Artifact:
+    path = cache.artifacts_dir / AGENT_FILE
+    try:
+        root: Path | None = project_root()
+    except NotFoundError:
+        if build:
+            raise
+        root = None  # an installed kafka-asg can still upload the zipapp built earlier from a checkout
+    digest = agent_recipe(root) if root else ""
+    found = cached_artifact(AGENT_KEY, path, digest, accept_stale=not build)
+    if found is not None:
+        return found
+    if not build:
+        raise NotFoundError(
+            f"{AGENT_FILE} for the current source is not in {cache.artifacts_dir}: run `kafka-asg artifacts build`"
+        )
+    with build_lock(cache):
+        found = cached_artifact(AGENT_KEY, path, digest)
+        if found is not None:
+            return found
+        assert root is not None  # build=True raised above without a checkout
+        build_agent(cache, root, progress)
+        return _record(AGENT_KEY, path, digest)
+
+
+def ensure_artifacts(
+    cfg: ClusterConfig, cache: CachePaths | None = None, *, build: bool = True, progress: Progress = _log_progress
+) -> ArtifactSet:
+    """The three bucket objects for ``cfg``: cached ones when intact and current, else built.
+
+    ``build=False`` never runs Maven or pip: it returns what is cached (also one built from an older source
+    or recipe, with a warning) or raises :class:`NotFoundError` naming ``kafka-asg artifacts build``.
+    """
+    cache = cache or CachePaths.default()
+    return ArtifactSet(
+        zookeeper=_server_artifact(cfg.zookeeper, zookeeper_recipe(cfg.zookeeper.version), cache, build, progress),
+        kafka=_server_artifact(cfg.kafka, kafka_recipe(cfg.kafka.version), cache, build, progress),
+        agent=_agent_artifact(cache, build, progress),
+    )
+
+
+def cmd_artifacts(args: argparse.Namespace) -> int:
+    """``kafka-asg artifacts build|list``: build (or reuse) the archives and the agent, or show what is cached."""
+    from kafka_asg.config import load_config, seed_config
+
+    cfg = seed_config() if args.config is None else load_config(Path(args.config))
+    cache = CachePaths.default()
+    if args.action == "build":
+        artifacts = ensure_artifacts(cfg, cache, build=True, progress=lambda m: print(m, flush=True))
+        rows: list[Artifact] = [artifacts.zookeeper, artifacts.kafka, artifacts.agent]
+    else:
+        rows = []
+        lookups: list[tuple[str, Callable[[], Artifact]]] = [
+            ("zookeeper", lambda: _server_artifact(cfg.zookeeper, zookeeper_recipe(cfg.zookeeper.version), cache)),
+            ("kafka", lambda: _server_artifact(cfg.kafka, kafka_recipe(cfg.kafka.version), cache)),
+            ("agent", lambda: _agent_artifact(cache)),
+        ]
+        for name, lookup in lookups:
+            try:
+                rows.append(lookup())
+            except NotFoundError as exc:
+                print(f"{name:<10} missing: {exc}")
+    for a in rows:
+        print(f"{a.key:<48} {a.size / 1e6:7.1f} MB  sha256:{a.sha256[:16]}  {a.path}")
+    return 0

@@ -1,0 +1,279 @@
+"""The built artifacts work: ZooKeeper and Kafka from the archives serve on loopback, the agent zipapp runs
+on the system python. Builds into the default cache (KAFKA_ASG_CACHE_DIR), reusing what is there.
+
+Loopback only: every server binds 127.0.0.1 and every JVM is stopped by pid in ``finally``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from kafka_asg.artifacts import AGENT_KEY, ArtifactSet, ensure_artifacts, sha256_file
+from kafka_asg.config import seed_config
+from kafka_asg.paths import CachePaths
+from kafka_asg.retry import wait_until
+
+SYSTEM_PYTHON = Path("/usr/bin/python3.11")
+SRC = Path(__file__).parents[2] / "src" / "kafka_asg"
+
+
+@pytest.fixture(scope="module")
+def built() -> ArtifactSet:
+    return ensure_artifacts(seed_config(), CachePaths.default(), build=True)
+
+
+@pytest.fixture(scope="module")
+def unpacked(built: ArtifactSet, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    dest = tmp_path_factory.mktemp("servers")
+    tops = []
+    for archive in (built.zookeeper.path, built.kafka.path):
+        with tarfile.open(archive) as tar:
+            tops.append(tar.getnames()[0].split("/")[0])
+            tar.extractall(dest, filter="tar")
+    return dest / tops[0], dest / tops[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def four_letter(port: int, word: str) -> str:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(word.encode())
+            return b"".join(iter(lambda: s.recv(4096), b"")).decode()
+    except OSError:
+        return ""
+
+
+def serving(port: int) -> str:
+    """The ``srvr`` answer once ZooKeeper serves ("not currently serving requests" until its database loads)."""
+    answer = four_letter(port, "srvr")
+    return answer if "Mode:" in answer else ""
+
+
+class Server:
+    """A foreground server we started; stopped by its pid (the scripts exec the JVM)."""
+
+    def __init__(self, argv: list[str], env: Mapping[str, str], log: Path) -> None:
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+    def alive(self) -> None:
+        assert self.proc.poll() is None, f"exited {self.proc.returncode}: {self.log.read_text()[-3000:]}"
+
+
+def run_tool(bin_dir: Path, name: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KAFKA_HEAP_OPTS": "-Xmx128m"}
+    argv = [str(bin_dir / name), *args]
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, env=env, timeout=60, check=False)
+
+
+def tool(bin_dir: Path, name: str, *args: str, stdin: str | None = None) -> str:
+    proc = run_tool(bin_dir, name, *args, stdin=stdin)
+    assert proc.returncode == 0, f"{name} {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_archives_have_official_layout_and_checksums(built: ArtifactSet) -> None:
+    for artifact, must in (
+        (built.zookeeper, ("bin/zkServer.sh", "bin/zkCli.sh", "conf/logback.xml", "conf/zoo_sample.cfg")),
+        (
+            built.kafka,
+            (
+                "bin/kafka-server-start.sh",
+                "bin/kafka-run-class.sh",
+                "bin/kafka-topics.sh",
+                "bin/kafka-console-producer.sh",
+                "bin/kafka-console-consumer.sh",
+                "bin/zookeeper-shell.sh",
+                "bin/kafka-broker-api-versions.sh",
+                "config/log4j.properties",
+                "config/server.properties",
+            ),
+        ),
+    ):
+        assert sha256_file(artifact.path) == artifact.sha256
+        assert artifact.path.with_name(artifact.path.name + ".sha256").read_text().split()[0] == artifact.sha256
+        with tarfile.open(artifact.path) as tar:
+            names = set(tar.getnames())
+        top = artifact.path.name.removesuffix(".tgz").removesuffix(".tar.gz")
+        assert {n.split("/")[0] for n in names} == {top}
+        for member in must:
+            assert f"{top}/{member}" in names, member
+    with tarfile.open(built.zookeeper.path) as tar:
+        zk_jars = {Path(n).name for n in tar.getnames() if n.endswith(".jar")}
+    assert {"zookeeper-3.8.7.jar", "zookeeper-jute-3.8.7.jar"} <= zk_jars
+    assert any(j.startswith("logback-classic-") for j in zk_jars)
+    with tarfile.open(built.kafka.path) as tar:
+        kafka_jars = {Path(n).name for n in tar.getnames() if n.endswith(".jar")}
+    assert {"kafka_2.13-3.9.2.jar", "kafka-tools-3.9.2.jar", "slf4j-reload4j-1.7.36.jar"} <= kafka_jars
+    assert built.agent.key == AGENT_KEY
+
+
+def test_second_call_reuses_the_cache(built: ArtifactSet) -> None:
+    archives = (built.zookeeper.path, built.kafka.path)
+    mtimes = [p.stat().st_mtime_ns for p in archives]
+    started = time.monotonic()
+    again = ensure_artifacts(seed_config(), CachePaths.default(), build=True)
+    # The agent may be rebuilt if someone edited src/kafka_asg meanwhile (it is keyed on the source).
+    assert (again.zookeeper, again.kafka) == (built.zookeeper, built.kafka)
+    assert [p.stat().st_mtime_ns for p in archives] == mtimes
+    assert time.monotonic() - started < 30
+    assert ensure_artifacts(seed_config(), CachePaths.default(), build=False).kafka == built.kafka
+
+
+def _shiv_env(tmp_path: Path) -> dict[str, str]:
+    # The system python must not see the venv; the zipapp unpacks under our temp dir, not ~/.shiv.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "SHIV_"))}
+    return {**env, "SHIV_ROOT": str(tmp_path / "shiv")}
+
+
+@pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason="no /usr/bin/python3.11 on this machine")
+def test_agent_zipapp_runs_on_system_python_with_pruned_botocore(built: ArtifactSet, tmp_path: Path) -> None:
+    bare = subprocess.run([str(SYSTEM_PYTHON), "-c", "import boto3"], capture_output=True, check=False)
+    assert bare.returncode != 0, "the system python has boto3: this test would prove nothing"
+    code = (
+        "import boto3, kazoo.client, kafka_asg, sys\n"
+        "for s in ('ec2', 'autoscaling', 's3', 'sts'): boto3.client(s, region_name='eu-west-1')\n"
+        "try:\n    boto3.client('sagemaker', region_name='eu-west-1')\n"
+        "except Exception as e:\n    print('pruned', type(e).__name__)\n"
+        "print(boto3.__version__, kafka_asg.__file__)\n"
+    )
+    proc = subprocess.run(
+        [str(SYSTEM_PYTHON), str(built.agent.path), "-c", code],
+        env={**_shiv_env(tmp_path), "SHIV_INTERPRETER": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "pruned UnknownServiceError" in proc.stdout
+    assert "kafka-asg-agent.pyz" in proc.stdout  # kafka_asg came from the zipapp, not the checkout
+    assert built.agent.path.read_bytes().startswith(b"#!/usr/bin/env python3\n")
+
+
+@pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason="no /usr/bin/python3.11 on this machine")
+def test_agent_console_script_help(built: ArtifactSet, tmp_path: Path) -> None:
+    if not (SRC / "agent" / "main.py").exists():
+        pytest.skip("kafka_asg.agent.main (the agent's entry point) is not written yet")
+    proc = subprocess.run(
+        [str(SYSTEM_PYTHON), str(built.agent.path), "--help"],
+        env=_shiv_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "usage" in proc.stdout.lower()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    started: list[Server] = []
+    try:
+        yield started
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+@pytest.mark.jvm
+def test_zookeeper_and_kafka_serve_from_the_archives(
+    unpacked: tuple[Path, Path], tmp_path: Path, servers: list[Server]
+) -> None:
+    zk_home, kafka_home = unpacked
+    zk_port, kafka_port = free_port(), free_port()
+    zoo_cfg = tmp_path / "zoo.cfg"
+    zoo_cfg.write_text(
+        f"tickTime=2000\ndataDir={tmp_path / 'zk-data'}\nclientPort={zk_port}\nclientPortAddress=127.0.0.1\n"
+        "admin.enableServer=false\n4lw.commands.whitelist=srvr,ruok\n"
+    )
+    zk_logs = tmp_path / "zk-logs"
+    servers.append(
+        Server(
+            [str(zk_home / "bin" / "zkServer.sh"), "start-foreground", str(zoo_cfg)],
+            {"ZOO_LOG_DIR": str(zk_logs), "SERVER_JVMFLAGS": "-Xmx256m"},
+            tmp_path / "zk.out",
+        )
+    )
+    srvr = wait_until("zookeeper srvr", lambda: serving(zk_port), deadline=30, interval=0.3)
+    assert "Mode: standalone" in srvr
+    assert "Zookeeper version: 3.8.7" in srvr
+
+    props = tmp_path / "server.properties"
+    props.write_text(
+        f"broker.id=0\nlisteners=PLAINTEXT://127.0.0.1:{kafka_port}\nlog.dirs={tmp_path / 'kafka-data'}\n"
+        f"zookeeper.connect=127.0.0.1:{zk_port}\noffsets.topic.replication.factor=1\nnum.partitions=1\n"
+        "transaction.state.log.replication.factor=1\ntransaction.state.log.min.isr=1\n"
+        "group.initial.rebalance.delay.ms=0\n"
+    )
+    kafka_logs = tmp_path / "kafka-logs"
+    kafka = Server(
+        [str(kafka_home / "bin" / "kafka-server-start.sh"), str(props)],
+        {"LOG_DIR": str(kafka_logs), "KAFKA_HEAP_OPTS": "-Xmx512m -Xms256m"},
+        tmp_path / "kafka.out",
+    )
+    servers.append(kafka)
+    bin_dir = kafka_home / "bin"
+    zk_connect = f"127.0.0.1:{zk_port}"
+
+    def registered() -> bool:
+        kafka.alive()
+        # Exits 1 with "Node does not exist" until the first broker registers.
+        return "[0]" in run_tool(bin_dir, "zookeeper-shell.sh", zk_connect, "ls", "/brokers/ids").stdout
+
+    wait_until("broker 0 in /brokers/ids", registered, deadline=60, interval=1)
+
+    bootstrap = f"127.0.0.1:{kafka_port}"
+    assert f"127.0.0.1:{kafka_port} (id: 0 rack: null)" in tool(
+        bin_dir, "kafka-broker-api-versions.sh", "--bootstrap-server", bootstrap
+    )
+    zk_cli = run_tool(zk_home / "bin", "zkCli.sh", "-server", zk_connect, "ls", "/brokers/ids")
+    assert zk_cli.returncode == 0, zk_cli.stderr
+    assert "[0]" in zk_cli.stdout
+    tool(bin_dir, "kafka-topics.sh", "--bootstrap-server", bootstrap, "--create", "--topic", "t1", "--partitions", "1")
+    assert "t1" in tool(bin_dir, "kafka-topics.sh", "--bootstrap-server", bootstrap, "--list").split()
+    tool(bin_dir, "kafka-console-producer.sh", "--bootstrap-server", bootstrap, "--topic", "t1", stdin="hello asg\n")
+    out = tool(
+        bin_dir,
+        "kafka-console-consumer.sh",
+        "--bootstrap-server",
+        bootstrap,
+        "--topic",
+        "t1",
+        "--from-beginning",
+        "--max-messages",
+        "1",
+        "--timeout-ms",
+        "30000",
+    )
+    assert out.strip() == "hello asg"
+
+    # The log backends work: both servers wrote their own log files, not just stdout.
+    assert (zk_logs / "zookeeper-server.log").stat().st_size > 0
+    assert (kafka_logs / "server.log").stat().st_size > 0
+    assert "started (kafka.server.KafkaServer)" in (kafka_logs / "server.log").read_text()
