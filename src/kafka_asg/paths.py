@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class AgentPaths:
 
     root: Path = Path("/")
 
-    def under_root(self, absolute: str | PurePosixPath) -> Path:
+    def under_root(self, absolute: str | PurePath) -> Path:
         """Map an absolute path from a config file (e.g. ``/var/lib/zookeeper/data``) below ``root``."""
         return self.root / str(absolute).lstrip("/")
 

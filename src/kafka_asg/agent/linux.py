@@ -1,0 +1,304 @@
+"""The node agent's operating system: NICs with iproute2's JSON output, EBS volumes, filesystems, files.
+
+Every instance path (config dirs, mountpoints, /dev/disk/by-id) is mapped below ``paths.root`` so the same
+code runs on an instance (``root=/``) and in tests (a temp root). Commands run through ``command_prefix``
+(e.g. ``("nsenter", "--net=/run/netns/<ns>")`` in tests) so the NIC code can be pointed at a network
+namespace; the prefix must keep the mount namespace (``ip netns exec`` does not), or mounts vanish.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from kafka_asg.agent.ports import DiskState, Host, NicState
+from kafka_asg.errors import HostError
+from kafka_asg.fsutil import atomic_write
+from kafka_asg.paths import AgentPaths
+
+logger = logging.getLogger(__name__)
+
+# Nitro exposes an EBS volume as an NVMe device whose serial is the volume id without its dash; udev links
+# it as /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0abc...
+# (https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/nvme-ebs-volumes.html). The local region uses the same
+# rule (kafka_asg.local.hostapi.ebs_by_id_path); it is copied here because the agent must not import local/.
+EBS_BY_ID_PREFIX = "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_"
+
+COMMAND_TIMEOUT = 60.0
+MKFS_TIMEOUT = 600.0
+# blkid exits 2 when it finds nothing to report on the device (blkid(8) "RETURN CODE").
+BLKID_NOTHING_FOUND = 2
+
+
+def ebs_device_link(volume_id: str) -> str:
+    """``vol-0abc`` -> ``/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0abc`` (an instance path)."""
+    return EBS_BY_ID_PREFIX + volume_id.replace("-", "")
+
+
+def parse_blkid_export(text: str) -> dict[str, str]:
+    """``blkid -o export`` output: ``KEY=value`` lines."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _unescape_mount_field(field: str) -> str:
+    # /proc/self/mounts escapes space, tab, newline and backslash as octal (proc(5)).
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def parse_mounts(text: str) -> list[tuple[str, Path]]:
+    """``/proc/self/mounts`` -> ``[(source, mountpoint), ...]``."""
+    out = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 2:
+            out.append((_unescape_mount_field(fields[0]), Path(_unescape_mount_field(fields[1]))))
+    return out
+
+
+class LinuxHost(Host):
+    """:class:`~kafka_asg.agent.ports.Host` on Linux (iproute2, util-linux, e2fsprogs).
+
+    :param paths: instance paths; ``paths.root`` is prepended to every instance path.
+    :param command_prefix: prepended to every command, e.g. ``("nsenter", "--net=/run/netns/ns1")``.
+    """
+
+    def __init__(self, paths: AgentPaths, command_prefix: Sequence[str] = ()) -> None:
+        self.paths = paths
+        self.command_prefix = tuple(command_prefix)
+
+    # ------------------------------------------------------------------------------------- commands
+
+    def _run(
+        self, argv: Sequence[str], ok_codes: Sequence[int] = (0,), timeout: float = COMMAND_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [*self.command_prefix, *argv]
+        try:
+            # stdin from /dev/null: mke2fs and friends must never sit waiting for a "proceed anyway?" answer.
+            proc = subprocess.run(
+                cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except FileNotFoundError as exc:
+            raise HostError(f"{cmd[0]} not found: install it (iproute2, util-linux, e2fsprogs)") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise HostError(f"{' '.join(cmd)} did not finish within {timeout:.0f}s") from exc
+        if proc.returncode not in ok_codes:
+            raise HostError(f"{' '.join(cmd)} failed with exit code {proc.returncode}: {proc.stderr.strip()}")
+        return proc
+
+    def _ip_json(self, *args: str) -> list[dict[str, Any]]:
+        proc = self._run(["ip", "-j", *args])
+        try:
+            data = json.loads(proc.stdout or "[]")
+        except json.JSONDecodeError as exc:
+            raise HostError(f"ip -j {' '.join(args)}: unreadable JSON ({exc}); needs iproute2 >= 4.14") from exc
+        if not isinstance(data, list):
+            raise HostError(f"ip -j {' '.join(args)}: expected a JSON list, got {type(data).__name__}")
+        return [entry for entry in data if isinstance(entry, dict)]
+
+    def _ip_change(self, *args: str, exists_ok: bool = False) -> None:
+        """An ``ip`` change; with ``exists_ok``, "File exists" / "already assigned" count as done (a racing
+        amazon-ec2-net-utils may have added the same object)."""
+        proc = self._run(["ip", *args], ok_codes=(0, 2) if exists_ok else (0,))
+        if proc.returncode != 0:
+            err = proc.stderr.strip()
+            if "File exists" in err or "already assigned" in err:
+                logger.debug("ip %s: already there (%s)", " ".join(args), err)
+                return
+            raise HostError(f"ip {' '.join(args)} failed: {err}")
+
+    # ------------------------------------------------------------------------------------------ NICs
+
+    def _addresses(self, ifname: str) -> tuple[IPv4Address, ...]:
+        out: list[IPv4Address] = []
+        for link in self._ip_json("addr", "show", "dev", ifname):
+            for info in link.get("addr_info", []):
+                if info.get("family") == "inet" and "local" in info:
+                    out.append(IPv4Address(info["local"]))
+        return tuple(out)
+
+    def _rule_tables(self, ip: IPv4Address) -> list[str]:
+        """Tables of the ``from <ip>`` rules (iproute2 omits ``srclen`` for a /32 source)."""
+        tables = []
+        for rule in self._ip_json("rule", "show"):
+            if rule.get("src") == str(ip) and rule.get("srclen", 32) == 32 and "table" in rule:
+                tables.append(str(rule["table"]))
+        return tables
+
+    def _has_default_via(self, table: str, ifname: str) -> bool:
+        return any(
+            route.get("dst") == "default" and route.get("dev") == ifname
+            for route in self._ip_json("route", "show", "table", table)
+        )
+
+    def nic_by_mac(self, mac: str) -> NicState | None:
+        wanted = mac.lower()
+        for link in self._ip_json("link", "show"):
+            if str(link.get("address", "")).lower() != wanted or "ifname" not in link:
+                continue
+            ifname = str(link["ifname"])
+            addresses = self._addresses(ifname)
+            has_policy_route = any(
+                self._has_default_via(table, ifname) for ip in addresses for table in self._rule_tables(ip)
+            )
+            return NicState(
+                ifname=ifname,
+                mac=wanted,
+                up="UP" in link.get("flags", []),
+                addresses=addresses,
+                has_policy_route=has_policy_route,
+            )
+        return None
+
+    def configure_nic(self, ifname: str, ip: IPv4Address, subnet: IPv4Network, table: int) -> None:
+        """The fixed IP on ``ifname`` with policy routing, as AL2023's amazon-ec2-net-utils sets it up.
+
+        The ENI is in the same subnet as the primary NIC: ``noprefixroute`` keeps the main table's subnet route
+        on the primary NIC, and ``from <ip> lookup <table>`` sends replies from the fixed IP out of its own NIC
+        (AWS: two NICs in one subnet route asymmetrically; the VPC drops packets whose source IP does not
+        belong to the NIC they leave by). Idempotent.
+        """
+        if ip not in subnet:
+            raise HostError(f"{ip} is not in {subnet}: the slot's ENI must be in its subnet")
+        gateway = subnet.network_address + 1  # the VPC router: base+1 of every subnet
+        if ip not in self._addresses(ifname):
+            self._ip_change("addr", "add", f"{ip}/{subnet.prefixlen}", "dev", ifname, "noprefixroute", exists_ok=True)
+        self._ip_change("link", "set", "dev", ifname, "up")
+        self._ip_change("route", "replace", str(subnet), "dev", ifname, "src", str(ip), "table", str(table))
+        self._ip_change("route", "replace", "default", "via", str(gateway), "dev", ifname, "table", str(table))
+        if str(table) not in self._rule_tables(ip):
+            self._ip_change(
+                "rule", "add", "from", str(ip), "lookup", str(table), "priority", str(table), exists_ok=True
+            )
+        logger.info("configured %s: %s/%d, policy routing via table %d", ifname, ip, subnet.prefixlen, table)
+
+    # ----------------------------------------------------------------------------------------- disks
+
+    def _blkid(self, device: Path) -> dict[str, str]:
+        # -p probes the device itself, bypassing the blkid cache, which may be stale or absent.
+        proc = self._run(["blkid", "-p", "-o", "export", str(device)], ok_codes=(0, BLKID_NOTHING_FOUND))
+        return parse_blkid_export(proc.stdout) if proc.returncode == 0 else {}
+
+    def _mounted_at(self, device: Path) -> Path | None:
+        try:
+            rdev = device.stat().st_rdev
+            mounts = Path("/proc/self/mounts").read_text()
+        except OSError as exc:
+            raise HostError(f"cannot inspect {device} or /proc/self/mounts: {exc}") from exc
+        for source, mountpoint in parse_mounts(mounts):
+            if not source.startswith("/"):
+                continue
+            try:
+                same = os.stat(source).st_rdev == rdev
+            except OSError:
+                continue
+            if same:
+                return self._instance_path(mountpoint)
+        return None
+
+    def _real(self, path: Path) -> Path:
+        """An instance path (``/var/lib/...``) as a real path below ``paths.root``."""
+        return self.paths.under_root(str(path))
+
+    def _instance_path(self, real: Path) -> Path:
+        """A real path as the instance sees it (the inverse of ``paths.under_root``)."""
+        root = self.paths.root.resolve()
+        try:
+            return Path("/") / real.relative_to(root)
+        except ValueError:
+            return real
+
+    def disk(self, volume_id: str) -> DiskState | None:
+        link = self.paths.under_root(ebs_device_link(volume_id))
+        if not link.exists():
+            return None
+        device = link.resolve()
+        if not device.is_block_device():
+            raise HostError(f"{link} resolves to {device}, which is not a block device")
+        probe = self._blkid(device)
+        # A partition table counts as "not empty": never format over someone's partitions.
+        filesystem = probe.get("TYPE") or (f"partition table {probe['PTTYPE']}" if "PTTYPE" in probe else None)
+        return DiskState(
+            device=device,
+            filesystem=filesystem,
+            label=probe.get("LABEL"),
+            mounted_at=self._mounted_at(device),
+        )
+
+    def make_filesystem(self, device: Path, label: str) -> None:
+        probe = self._blkid(device)
+        if probe:
+            found = probe.get("TYPE") or probe.get("PTTYPE") or ", ".join(sorted(probe))
+            raise HostError(
+                f"refusing to format {device}: it already holds {found} (label {probe.get('LABEL', '-')}); "
+                "data is never overwritten - wipe it by hand if it really is yours to lose"
+            )
+        # ext4 labels are at most 16 bytes (mke2fs(8) -L).
+        if len(label.encode()) > 16:
+            logger.warning("ext4 label %r is longer than 16 bytes: using %r", label, label[:16])
+        # nodiscard: a new EBS volume has nothing to trim, and discarding a large one takes minutes.
+        self._run(["mkfs.ext4", "-q", "-E", "nodiscard", "-L", label[:16], str(device)], timeout=MKFS_TIMEOUT)
+        logger.info("created ext4 filesystem %r on %s", label[:16], device)
+
+    def mount(self, device: Path, mountpoint: Path) -> None:
+        """Mount ``device`` at the instance path ``mountpoint`` (mkdir -p). Idempotent; HostError if the
+        device is mounted elsewhere or something else is mounted there."""
+        target = self._real(mountpoint)
+        current = self._mounted_at(device)
+        if current is not None:
+            if self._real(current).resolve() == target.resolve():
+                logger.debug("%s already mounted at %s", device, mountpoint)
+                return
+            raise HostError(f"{device} is already mounted at {current}, not at {mountpoint}: unmount it first")
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HostError(f"cannot create mountpoint {target}: {exc}") from exc
+        if os.path.ismount(target):
+            raise HostError(f"something else is already mounted at {target}: refusing to mount {device} over it")
+        self._run(["mount", str(device), str(target)])
+        logger.info("mounted %s at %s", device, target)
+
+    # ----------------------------------------------------------------------------------------- files
+
+    def read_file(self, path: Path) -> str | None:
+        try:
+            return self._real(path).read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise HostError(f"cannot read {self._real(path)}: {exc}") from exc
+
+    def remove_empty_dir(self, path: Path) -> None:
+        """rmdir: only an empty directory goes (the ``lost+found`` of a fresh ext4, which Kafka would take for
+        a bad partition directory); absent or not empty is a no-op."""
+        target = self._real(path)
+        try:
+            target.rmdir()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                logger.debug("kept %s: %s", target, exc.strerror)
+                return
+            raise HostError(f"cannot remove {target}: {exc}") from exc
+        logger.info("removed empty directory %s", target)
+
+    def write_file(self, path: Path, data: str | bytes, mode: int = 0o644) -> None:
+        try:
+            atomic_write(self._real(path), data, mode)
+        except OSError as exc:
+            raise HostError(f"cannot write {self._real(path)}: {exc}") from exc

@@ -1,0 +1,198 @@
+"""LinuxHost against the real kernel: a throwaway network namespace and a loop device (needs root).
+
+Everything created here is removed in ``finally``: the namespace (with its veth links), mounts, loop devices.
+Addresses are TEST-NET-2 (198.51.100.0/24) and exist only inside the namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kafka_asg.agent.linux import LinuxHost, ebs_device_link
+from kafka_asg.errors import HostError
+from kafka_asg.paths import AgentPaths
+
+pytestmark = [
+    pytest.mark.rehearsal,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces, loop devices, mount"),
+]
+
+SUBNET = IPv4Network("198.51.100.16/28")
+PRIMARY_IP = IPv4Address("198.51.100.20")
+FIXED_IP = IPv4Address("198.51.100.21")
+ENI_MAC = "02:00:5e:00:53:06"
+TABLE = 10001
+
+
+def run(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=30).stdout
+
+
+def ip_json(ns: str, *args: str) -> list[dict[str, Any]]:
+    data: list[dict[str, Any]] = json.loads(run("ip", "-n", ns, "-j", *args) or "[]")
+    return data
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """``kasg-t-<random>`` with eth0 (primary, subnet route in main) and ens6 (the ENI's NIC, unconfigured)."""
+    name = f"kasg-t-{secrets.token_hex(4)}"
+    run("ip", "netns", "add", name)
+    try:
+        # Two veth pairs inside the namespace; the peers stand in for the VPC side.
+        run("ip", "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "vpc0")
+        run("ip", "-n", name, "link", "add", "ens6", "address", ENI_MAC, "type", "veth", "peer", "name", "vpc1")
+        for link in ("lo", "eth0", "vpc0", "vpc1"):
+            run("ip", "-n", name, "link", "set", link, "up")
+        run("ip", "-n", name, "addr", "add", f"{PRIMARY_IP}/{SUBNET.prefixlen}", "dev", "eth0")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, timeout=30)
+    assert name not in run("ip", "netns", "list"), f"namespace {name} left behind"
+
+
+def test_configure_nic_is_idempotent_and_routes_replies_via_the_eni(netns: str, tmp_path: Path) -> None:
+    host = LinuxHost(AgentPaths(root=tmp_path), command_prefix=("nsenter", f"--net=/run/netns/{netns}"))
+
+    before = host.nic_by_mac(ENI_MAC.upper())
+    assert before is not None
+    assert (before.ifname, before.up, before.addresses, before.has_policy_route) == ("ens6", False, (), False)
+    assert host.nic_by_mac("02:00:5e:00:53:ff") is None
+
+    for _ in range(2):
+        host.configure_nic("ens6", FIXED_IP, SUBNET, TABLE)
+
+    after = host.nic_by_mac(ENI_MAC)
+    assert after is not None
+    assert (after.ifname, after.up, after.addresses, after.has_policy_route) == ("ens6", True, (FIXED_IP,), True)
+
+    rules = [r for r in ip_json(netns, "rule", "show") if r.get("src") == str(FIXED_IP)]
+    assert rules == [{"priority": TABLE, "src": str(FIXED_IP), "table": str(TABLE)}]
+    table = {
+        (r["dst"], r["dev"], r.get("gateway"), r.get("prefsrc"))
+        for r in ip_json(netns, "route", "show", "table", str(TABLE))
+    }
+    assert table == {("default", "ens6", "198.51.100.17", None), (str(SUBNET), "ens6", None, str(FIXED_IP))}
+    # noprefixroute: the main table's subnet route stays on the primary NIC only.
+    main = [(r["dst"], r["dev"]) for r in ip_json(netns, "route", "show", "table", "main")]
+    assert main == [(str(SUBNET), "eth0")]
+    addrs = [a for link in ip_json(netns, "addr", "show", "dev", "ens6") for a in link["addr_info"]]
+    assert [(a["local"], a["prefixlen"], a.get("noprefixroute")) for a in addrs if a["family"] == "inet"] == [
+        (str(FIXED_IP), SUBNET.prefixlen, True)
+    ]
+
+    # Replies from the fixed IP leave by the ENI's NIC; the primary IP keeps using eth0.
+    peer = "198.51.100.30"
+    assert ip_json(netns, "route", "get", peer, "from", str(FIXED_IP))[0]["dev"] == "ens6"
+    assert ip_json(netns, "route", "get", peer)[0]["dev"] == "eth0"
+
+
+def test_configure_nic_rejects_an_ip_outside_the_subnet(netns: str, tmp_path: Path) -> None:
+    host = LinuxHost(AgentPaths(root=tmp_path), command_prefix=("nsenter", f"--net=/run/netns/{netns}"))
+    with pytest.raises(HostError, match="not in"):
+        host.configure_nic("ens6", IPv4Address("198.51.100.99"), SUBNET, TABLE)
+
+
+# ------------------------------------------------------------------------------------------------ disks
+
+VOLUME_ID = "vol-0123456789abcdef0"
+
+
+@pytest.fixture
+def ebs_volume(tmp_path: Path) -> Iterator[tuple[AgentPaths, Path]]:
+    """A loop device on a sparse file, linked where Nitro's udev rules put an EBS volume, under a temp root."""
+    image = tmp_path / "volume.img"
+    with open(image, "wb") as fh:
+        fh.truncate(64 * 1024 * 1024)
+    loop = Path(run("losetup", "--find", "--show", str(image)).strip())
+    root = tmp_path / "root"
+    try:
+        link = AgentPaths(root=root).under_root(ebs_device_link(VOLUME_ID))
+        link.parent.mkdir(parents=True)
+        link.symlink_to(loop)
+        yield AgentPaths(root=root), loop
+    finally:
+        # Unmount everything below the temp root (deepest first), then detach the loop device.
+        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+        for mountpoint in sorted((m for m in mounts if m.startswith(str(root))), reverse=True):
+            subprocess.run(["umount", mountpoint], check=False, timeout=30)
+        subprocess.run(["losetup", "-d", str(loop)], check=False, timeout=30)
+    assert not run("losetup", "-j", str(image)).strip(), f"{loop} still holds {image}"
+    assert str(root) not in Path("/proc/self/mounts").read_text(), f"mounts left below {root}"
+
+
+def test_disk_mkfs_only_when_empty_and_identity_survives_a_remount(ebs_volume: tuple[AgentPaths, Path]) -> None:
+    paths, loop = ebs_volume
+    host = LinuxHost(paths)
+    mountpoint = Path("/var/lib/zookeeper/data")
+
+    assert host.disk("vol-0000000000000000f") is None
+    empty = host.disk(VOLUME_ID)
+    assert empty is not None
+    assert (empty.device, empty.filesystem, empty.label, empty.mounted_at) == (loop, None, None, None)
+
+    host.make_filesystem(loop, "kasg-2-zk-data")
+    formatted = host.disk(VOLUME_ID)
+    assert formatted is not None
+    assert (formatted.filesystem, formatted.label) == ("ext4", "kasg-2-zk-data")
+
+    host.mount(loop, mountpoint)
+    host.mount(loop, mountpoint)  # idempotent
+    mounted = host.disk(VOLUME_ID)
+    assert mounted is not None
+    assert mounted.mounted_at == mountpoint
+    assert os.path.ismount(paths.under_root(str(mountpoint)))
+    host.write_file(mountpoint / "myid", "2\n")
+    lost_found = paths.under_root(str(mountpoint / "lost+found"))
+    assert lost_found.is_dir()  # mkfs.ext4 leaves it; Kafka would take it for a partition dir
+    host.remove_empty_dir(mountpoint / "lost+found")
+    host.remove_empty_dir(mountpoint / "lost+found")  # absent: no-op
+    host.remove_empty_dir(mountpoint / "myid")  # not a directory: kept
+    assert not lost_found.exists()
+
+    with pytest.raises(HostError, match="refusing to format"):
+        host.make_filesystem(loop, "kasg-2-zk-data")
+
+    run("umount", str(paths.under_root(str(mountpoint))))
+    unmounted = host.disk(VOLUME_ID)
+    assert unmounted is not None
+    assert unmounted.mounted_at is None
+    assert host.read_file(mountpoint / "myid") is None  # the empty mountpoint, not the volume
+
+    with pytest.raises(HostError, match="refusing to format"):
+        host.make_filesystem(loop, "other")
+    host.mount(loop, mountpoint)
+    assert host.read_file(mountpoint / "myid") == "2\n"
+    remounted = host.disk(VOLUME_ID)
+    assert remounted is not None
+    assert remounted.label == "kasg-2-zk-data"
+
+
+def test_mount_refuses_a_second_place(ebs_volume: tuple[AgentPaths, Path]) -> None:
+    paths, loop = ebs_volume
+    host = LinuxHost(paths)
+    host.make_filesystem(loop, "kasg-1-kafka-log")
+    host.mount(loop, Path("/var/lib/kafka/event-log"))
+    with pytest.raises(HostError, match="already mounted at /var/lib/kafka/event-log"):
+        host.mount(loop, Path("/var/lib/zookeeper/data"))
+
+
+def test_files_are_relative_to_the_root(tmp_path: Path) -> None:
+    host = LinuxHost(AgentPaths(root=tmp_path))
+    assert host.read_file(Path("/etc/kafka-asg/zoo.cfg")) is None
+    host.write_file(Path("/etc/kafka-asg/zoo.cfg"), "tickTime=2000\n", mode=0o600)
+    target = tmp_path / "etc/kafka-asg/zoo.cfg"
+    assert target.read_text() == "tickTime=2000\n"
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert host.read_file(Path("/etc/kafka-asg/zoo.cfg")) == "tickTime=2000\n"
+    host.remove_empty_dir(Path("/etc"))  # not empty: kept
+    assert target.is_file()
