@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
             "serve",
         ],
     )
-    p.add_argument("target", nargs="*", help="SLOT|INSTANCE|AZ, or the command for exec (after --)")
+    # dest "rest": "target" already holds the handler (set_defaults), which a positional would overwrite.
+    p.add_argument("rest", nargs="*", metavar="target", help="SLOT|INSTANCE|AZ, or the command for exec (after --)")
     _config_options(p, local=False)
     return parser
 

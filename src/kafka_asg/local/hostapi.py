@@ -56,6 +56,9 @@ class NicSpec:
     eni_id: str
     mac: str
     device_index: int
+    # The ENI's primary private IP: the only IPv4 source address the VPC accepts from this NIC (EC2's
+    # source/destination check). None leaves the NIC unchecked (LinuxHosts logs a warning).
+    ip: IPv4Address | None = None
 
 
 @dataclass(frozen=True)
