@@ -24,7 +24,7 @@ from typing import Any
 import boto3
 
 from kafka_asg.config import seed_config
-from kafka_asg.local.commands import _make_hosts, ensure_region, stop_region
+from kafka_asg.local.commands import ensure_region, make_hosts, stop_region
 from kafka_asg.local.daemon import memory_rss_kib
 from kafka_asg.local.strict import StrictOptions
 from kafka_asg.paths import RegionPaths
@@ -76,7 +76,7 @@ def main() -> int:
             s["SubnetId"]
             for s in ec2.describe_subnets(Filters=[{"Name": "tag:kafka-asg:cluster", "Values": ["bench"]}])["Subnets"]
         )
-        hosts = _make_hosts(paths)
+        hosts = make_hosts(paths)
         launches: list[float] = []
         ids: list[str] = []
         for n in range(count):

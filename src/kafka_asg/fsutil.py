@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -38,3 +39,27 @@ def read_properties(text: str) -> dict[str, str]:
             continue
         props[line[:cut].strip()] = line[cut + 1 :].strip()
     return props
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Unpack a tar archive into ``dest``, refusing absolute paths, ``..``, links out of the tree and device files.
+
+    Python 3.11.4 added extraction filters (PEP 706); the AMI's python may be older (Debian 12 ships 3.11.2), so
+    the same checks are made by hand there.
+    """
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+            return
+        root = dest.resolve()
+        for member in tar.getmembers():
+            target = (root / member.name).resolve()
+            if member.name.startswith("/") or not target.is_relative_to(root):
+                raise ValueError(f"{archive}: member {member.name!r} would land outside {dest}")
+            if member.isdev():
+                raise ValueError(f"{archive}: member {member.name!r} is a device file")
+            if member.issym() or member.islnk():
+                link = (target.parent / member.linkname).resolve()
+                if member.linkname.startswith("/") or not link.is_relative_to(root):
+                    raise ValueError(f"{archive}: link {member.name!r} points outside {dest}")
+        tar.extractall(dest)

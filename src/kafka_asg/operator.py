@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -60,6 +61,14 @@ def _clients(cfg: ClusterConfig, local: bool) -> Any:
     info = region_info()
     if info is None:
         raise Unavailable("the local region is not running: `kafka-asg up --local` starts it")
+    return _local_clients(cfg, info)
+
+
+def _local_clients(cfg: ClusterConfig, info: Any) -> Any:
+    """Clients for the local region, with its dummy credentials (what `kafka-asg local env` exports)."""
+    from kafka_asg.provision.clients import aws_clients
+
+    os.environ.update(info.env())
     return aws_clients(cfg, endpoint_url=info.endpoint_url)
 
 
@@ -90,9 +99,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         with phases.phase("local region"):
             info = ensure_region(cfg, progress=say)
-        from kafka_asg.provision.clients import aws_clients
-
-        clients = aws_clients(cfg, endpoint_url=info.endpoint_url)
+        clients = _local_clients(cfg, info)
     else:
         clients = _clients(cfg, local=False)
     with phases.phase("artifacts"):

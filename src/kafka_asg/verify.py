@@ -15,7 +15,6 @@ import logging
 import re
 import shlex
 import subprocess
-import tarfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Protocol
 
 from kafka_asg.config import ClusterConfig
 from kafka_asg.errors import KafkaAsgError
-from kafka_asg.fsutil import read_properties
+from kafka_asg.fsutil import read_properties, safe_extract
 from kafka_asg.paths import CachePaths
 
 logger = logging.getLogger(__name__)
@@ -100,8 +99,7 @@ def kafka_tools(cfg: ClusterConfig, cache: CachePaths | None = None) -> Path:
     dest = cache.root / "tools" / archive.name.removesuffix(".tgz").removesuffix(".tar.gz")
     if not (dest / ".complete").exists():
         dest.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter="tar")
+        safe_extract(archive, dest)
         (dest / ".complete").touch()
     (top,) = [p for p in dest.iterdir() if p.is_dir()]
     return top / "bin"

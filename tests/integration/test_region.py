@@ -20,7 +20,7 @@ import boto3
 import pytest
 
 from kafka_asg.config import seed_config
-from kafka_asg.local.commands import RegionInfo, _make_hosts, ensure_region, region_info, stop_region
+from kafka_asg.local.commands import RegionInfo, ensure_region, make_hosts, region_info, stop_region
 from kafka_asg.local.hostapi import ebs_by_id_path
 from kafka_asg.local.strict import StrictOptions
 from kafka_asg.paths import RegionPaths
@@ -131,7 +131,7 @@ def region(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Region]:
             boto3.client("autoscaling", **kw),
             boto3.client("iam", **kw),
             subnets,
-            _make_hosts(paths),
+            make_hosts(paths),
         )
     finally:
         info_now = region_info(paths)

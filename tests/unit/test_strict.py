@@ -257,3 +257,13 @@ def test_choose_scale_in_prefers_the_fullest_az_and_skips_protected() -> None:
     ]
     assert choose_scale_in(members, 1) == ["i-1"]
     assert choose_scale_in(members, 3) == ["i-1", "i-3"]
+
+
+def test_force_delete_terminates_every_instance_even_protected(world: World) -> None:
+    make_group(world, 3)
+    members = [i["InstanceId"] for i in group_instances(world)]
+    world.asg.set_instance_protection(InstanceIds=members, AutoScalingGroupName="kafka-asg", ProtectedFromScaleIn=True)
+    world.asg.delete_auto_scaling_group(AutoScalingGroupName="kafka-asg", ForceDelete=True)
+    world.advance(6)  # past the detach delay
+    gone = {state(world, i) for i in members} <= {"shutting-down", "terminated"}
+    assert gone is (world.strict is not None)

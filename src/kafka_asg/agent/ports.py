@@ -98,6 +98,11 @@ class Cloud(ABC):
         """``ClaimLost`` on ``VolumeInUse``."""
 
     @abstractmethod
+    def instance_volumes(self, instance_id: str) -> Mapping[str, str]:
+        """Per-instance volume mode: the instance's EBS block device mappings, API device name (``/dev/sdb``)
+        -> volume id (the launch template's volumes, new with every instance)."""
+
+    @abstractmethod
     def instance_state(self, instance_id: str) -> InstanceState | None:
         """State of another instance (the holder of a slot); None if EC2 no longer knows it."""
 
@@ -167,6 +172,13 @@ class Host(ABC):
     @abstractmethod
     def write_file(self, path: Path, data: str | bytes, mode: int = 0o644) -> None:
         """Atomic write."""
+
+    def remove_empty_dir(self, path: Path) -> None:
+        """Remove ``path`` if it is an *empty* directory; no-op when absent or not empty. The agent clears the
+        empty ``lost+found`` that mkfs.ext4 leaves in a fresh Kafka log dir: Kafka refuses to start when its
+        log dir holds a directory that is not a topic-partition. Not abstract (added after the interface
+        froze): implementations that do not override it raise NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} cannot remove directories")
 
 
 # -------------------------------------------------------------------------------------- Services

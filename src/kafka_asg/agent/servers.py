@@ -26,7 +26,7 @@ from typing import IO
 
 from kafka_asg.agent.ports import ServerName, ServerState, Services, ZkMode
 from kafka_asg.errors import ServiceError, Unavailable
-from kafka_asg.fsutil import atomic_write
+from kafka_asg.fsutil import atomic_write, safe_extract
 from kafka_asg.paths import AgentPaths
 from kafka_asg.retry import wait_until
 
@@ -139,10 +139,8 @@ class ProcessServices(Services):
         tmp = Path(tempfile.mkdtemp(prefix=f".{root_name}.", dir=self.paths.install_dir))
         try:
             try:
-                with tarfile.open(archive) as tar:
-                    # The "data" filter refuses absolute paths, links out of the tree and device files.
-                    tar.extractall(tmp, filter="data")
-            except (tarfile.TarError, OSError) as exc:
+                safe_extract(archive, tmp)
+            except (tarfile.TarError, OSError, ValueError) as exc:
                 raise ServiceError(f"cannot unpack {archive}: {exc}; download it again") from exc
             tops = [p for p in tmp.iterdir() if p.is_dir()]
             if len(tops) != 1 or not (tops[0] / START_SCRIPTS[name]).is_file():

@@ -20,13 +20,16 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kafka_asg.config import SLOT_TAG, ClusterConfig
 from kafka_asg.errors import ConfigError, HostError, NotFoundError, Unavailable
 from kafka_asg.fsutil import atomic_write
 from kafka_asg.paths import RegionPaths
 from kafka_asg.retry import wait_until
+
+if TYPE_CHECKING:
+    from kafka_asg.local.hosts import LinuxHosts
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +173,7 @@ def stop_region(paths: RegionPaths | None = None) -> None:
 
 def _teardown_hosts(paths: RegionPaths) -> None:
     try:
-        hosts = _make_hosts(paths)
+        hosts = make_hosts(paths)
     except ImportError:  # the Linux machinery is not installed: nothing of it can exist
         return
     hosts.teardown()
@@ -187,7 +190,7 @@ def _remove_tree(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _make_hosts(paths: RegionPaths) -> Any:
+def make_hosts(paths: RegionPaths) -> LinuxHosts:
     from kafka_asg.local.hosts import LinuxHosts
 
     # KAFKA_ASG_VPC_NETNS lets tests run a region next to another one on a shared machine.
@@ -200,7 +203,7 @@ def bastion_exec(
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``argv`` in the bastion namespace ``<cluster>-bastion`` and wait for it."""
     paths = paths or RegionPaths.default()
-    return _make_hosts(paths).exec_in(f"{cfg.name}-bastion", list(argv), timeout=timeout)  # type: ignore[no-any-return]
+    return make_hosts(paths).exec_in(f"{cfg.name}-bastion", list(argv), timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------- faults
@@ -299,7 +302,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     if action == "exec":
         if not target:
             raise ConfigError(["local exec needs a command: kafka-asg local exec -- sh -c '...'"])
-        result = _make_hosts(paths).exec_in(info.bastion, target)
+        result = make_hosts(paths).exec_in(info.bastion, target)
         sys.stdout.buffer.write(result.stdout)
         sys.stderr.buffer.write(result.stderr)
         return int(result.returncode)
@@ -328,4 +331,4 @@ def _serve(args: argparse.Namespace, paths: RegionPaths) -> int:
     else:
         spec = RegionSpec.from_config(_config(args))
         atomic_write(spec_file, spec.to_json())
-    return serve(spec, paths, _make_hosts(paths))
+    return serve(spec, paths, make_hosts(paths))

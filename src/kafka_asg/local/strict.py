@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from moto.autoscaling.models import FakeAutoScalingGroup, autoscaling_backends
+from moto.autoscaling.models import AutoScalingBackend, FakeAutoScalingGroup, autoscaling_backends
 from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models import EC2Backend, ec2_backends
 from moto.ec2.models.elastic_network_interfaces import Attachment, NetworkInterface
@@ -257,6 +257,23 @@ class StrictMoto:
         self._patch(NetworkInterface, "attachment", property(attachment))
         self._patch(FakeAutoScalingGroup, "replace_autoscaling_group_instances", replace_instances)
         self._patch(FakeAutoScalingGroup, "set_desired_capacity", set_desired_capacity)
+
+        orig_delete_group = AutoScalingBackend.delete_auto_scaling_group
+
+        def delete_auto_scaling_group(backend: Any, group_name: str) -> None:
+            # ForceDelete terminates every instance of the group, scale-in protection or not
+            # (API_DeleteAutoScalingGroup). moto reaches them through a scale-in to 0, which correctly spares
+            # protected instances, so they would outlive their group. moto ignores the ForceDelete flag; kafka-asg
+            # always sends it.
+            group = backend.autoscaling_groups.get(group_name)
+            if group is not None:
+                members = [m.instance_id for m in strict._members(group)]
+                if members:
+                    backend.ec2_backend.terminate_instances(members)
+                group.instance_states = []
+            orig_delete_group(backend, group_name)
+
+        self._patch(AutoScalingBackend, "delete_auto_scaling_group", delete_auto_scaling_group)
 
     # -- termination ------------------------------------------------------------------------------
     def _begin_termination(self, instance: Any) -> Any:

@@ -1,0 +1,559 @@
+"""The node agent's loop: observe -> decide -> execute, one sentence per cycle (Patroni's ``run_cycle``).
+
+All side effects of the agent happen in :meth:`Agent._execute`, through the interfaces in
+:mod:`kafka_asg.agent.ports`; :func:`~kafka_asg.agent.decide.decide` is pure. Errors are mapped by category
+(:mod:`kafka_asg.errors`) to "try again next cycle": the loop never dies on a transient failure, and it
+never starts a server on a partial picture (observation fails -> nothing is decided).
+
+Step frequencies follow cloud-init: scale-in protection is once per instance (a semaphore file keyed by
+instance id under ``AgentPaths.semaphores_dir``); install and render run once per agent process (cheap and
+idempotent: the unpack is once per version, the writes are atomic); everything else is re-checked every cycle.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from types import FrameType
+from typing import Any, Protocol
+
+from kafka_asg.agent import render
+from kafka_asg.agent.decide import (
+    Action,
+    AttachVolumes,
+    ClaimEni,
+    ConfigureNic,
+    Fence,
+    Halt,
+    InitVolume,
+    Install,
+    MakeFilesystem,
+    Mount,
+    NoAction,
+    NodeState,
+    ProtectFromScaleIn,
+    RecordKafkaClusterId,
+    Refuse,
+    Render,
+    StartServer,
+    decide,
+)
+from kafka_asg.agent.ports import Cloud, Host, Imds, InstanceIdentity, ServerName, Services
+from kafka_asg.agent.snapshot import MARKER_NAME, Memory, NodeView, observe, remember
+from kafka_asg.agent.status import Status, write_status
+from kafka_asg.config import ClusterConfig, VolumeRole
+from kafka_asg.errors import (
+    ClaimLost,
+    CloudError,
+    HostError,
+    IdentityMismatch,
+    KafkaAsgError,
+    NotFoundError,
+    ServiceError,
+    Unavailable,
+)
+from kafka_asg.fsutil import atomic_write, read_properties
+from kafka_asg.paths import AgentPaths
+
+logger = logging.getLogger(__name__)
+
+TAG_PREFIX = "kafka-asg:"
+MAX_TAG_VALUE = 255  # EC2 tag values are at most 256 Unicode characters
+PROTECT_STEP = "scale-in-protection"  # a per-instance step (semaphore)
+MAX_CHAINED_CYCLES = 50  # boot steps run back to back at most this many times before a pause
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+
+    def time(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def time(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Timings of the loop. ``booting_interval`` is short so a boot is not slowed by the loop itself."""
+
+    booting_interval: float = 1.0
+    serving_interval: float = 5.0  # also standby and refused
+    heartbeat_seconds: float = 60.0  # report() at least this often, even when nothing changed
+    report_min_interval: float = 10.0  # a changed sentence alone is reported at most this often
+    kafka_stop_timeout: float = 120.0  # controlled shutdown moves leadership away first
+    zookeeper_stop_timeout: float = 30.0
+
+
+class Semaphores:
+    """cloud-init's ``FileSemaphores`` for ``PER_INSTANCE`` steps: a marker file named by step and instance id,
+    so an image baked from a used instance, or a replacement, runs the step again."""
+
+    def __init__(self, directory: Path, instance_id: str) -> None:
+        self.directory = directory
+        self.instance_id = instance_id
+
+    def _path(self, name: str) -> Path:
+        return self.directory / f"{name}.{self.instance_id}"
+
+    def has_run(self, name: str) -> bool:
+        return self._path(name).exists()
+
+    def mark(self, name: str) -> None:
+        atomic_write(self._path(name), f"{datetime.now(UTC).isoformat()}\n")
+
+    def clear(self, name: str) -> None:
+        self._path(name).unlink(missing_ok=True)
+
+
+class Agent:
+    """One node's agent. ``run_cycle`` is the unit the tests drive; ``run_forever`` is the daemon.
+
+    :param cfg: the cluster config (from ``cluster.json``; its base config paths are local files).
+    :param imds, cloud, host, services: the side-effect interfaces (real ones or ``agent/fakes.py``).
+    :param paths: every local path of the agent.
+    :param clock: monotonic + wall clock + sleep (``FakeClock`` in tests).
+    """
+
+    def __init__(
+        self,
+        cfg: ClusterConfig,
+        *,
+        imds: Imds,
+        cloud: Cloud,
+        host: Host,
+        services: Services,
+        paths: AgentPaths,
+        clock: Clock | None = None,
+        settings: AgentSettings | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.imds = imds
+        self.cloud = cloud
+        self.host = host
+        self.services = services
+        self.paths = paths
+        self.clock: Clock = clock or SystemClock()
+        self.settings = settings or AgentSettings()
+        self.zk_base = cfg.zookeeper_config.read_text()
+        self.kafka_base = cfg.kafka_config.read_text()
+        self.mountpoints: Mapping[VolumeRole, PurePosixPath] = render.data_dirs(
+            read_properties(self.zk_base), read_properties(self.kafka_base)
+        )
+        self.memory = Memory()
+        self.identity: InstanceIdentity | None = None
+        self.state: NodeState = "booting"
+        self.halted = False
+        self.progressed = False  # the last cycle executed a step (boot progress) rather than waiting
+        self.cycle = 0
+        self.last_view: NodeView | None = None
+        self._started_at = self.clock.time()
+        self._state_since = self._started_at
+        self._reported: dict[str, str] = {}
+        self._reported_at: float | None = None
+        self._stop = threading.Event()
+        self._last_bug: str | None = None
+
+    # ----------------------------------------------------------------------------------- cycle
+    def run_cycle(self) -> str:
+        """Observe, decide, execute; return the sentence that explains this cycle."""
+        self.cycle += 1
+        self.progressed = False
+        view: NodeView | None = None
+        try:
+            identity = self._identity()
+            view = observe(
+                cfg=self.cfg,
+                identity=identity,
+                imds=self.imds,
+                cloud=self.cloud,
+                host=self.host,
+                services=self.services,
+                mountpoints=self.mountpoints,
+                memory=self.memory,
+                now=self.clock.monotonic(),
+            )
+            self.memory = remember(view)
+            view = view.but(memory=self.memory)
+            decision = decide(view, self.cfg)
+            outcome = self._execute(decision.action, view)
+            sentence, state = outcome or decision.sentence, decision.state
+            # A step done (not a wait, not a lost race): the next cycle may run at once.
+            self.progressed = not isinstance(decision.action, (NoAction, Refuse, Halt)) and outcome is None
+        except Unavailable as exc:
+            sentence, state = f"waiting: {exc}; retrying next cycle", self._unchanged_state()
+        except IdentityMismatch as exc:
+            sentence, state = f"refused: {exc}; not starting zookeeper or kafka", "refused"
+        except (CloudError, HostError, ServiceError, NotFoundError) as exc:
+            sentence, state = f"failed: {exc}; retrying next cycle", self._unchanged_state()
+        except KafkaAsgError as exc:
+            sentence, state = f"failed: {exc}; retrying next cycle", self._unchanged_state()
+        except Exception as exc:
+            sentence, state = f"failed: unexpected {type(exc).__name__}: {exc} (a BUG)", self._unchanged_state()
+            if sentence != self._last_bug:  # the traceback once per distinct error, not once per second
+                logger.exception("unexpected error in the agent's cycle; please report it as a BUG")
+                self._last_bug = sentence
+        self.last_view = view
+        self._set_state(state)
+        self._publish(sentence, view)
+        return sentence
+
+    def _unchanged_state(self) -> NodeState:
+        # A transient failure does not make a serving node booting; a standby stays standby.
+        return self.state
+
+    def _identity(self) -> InstanceIdentity:
+        if self.identity is None:
+            self.identity = self.imds.identity()
+            if Semaphores(self.paths.semaphores_dir, self.identity.instance_id).has_run(PROTECT_STEP):
+                logger.info("scale-in protection: already ran (freq=once-per-instance)")
+                self.memory = replace(self.memory, protected=True)
+        return self.identity
+
+    def _set_state(self, state: NodeState) -> None:
+        if state != self.state:
+            self._state_since = self.clock.time()
+            self.state = state
+
+    # --------------------------------------------------------------------------------- execute
+    def _execute(self, action: Action, view: NodeView) -> str | None:
+        """Do what the decision says. Returns a sentence when the outcome differs from the decision's."""
+        match action:
+            case NoAction() | Refuse():
+                return None
+            case Halt():
+                self.halted = True
+                return None
+            case ClaimEni():
+                return self._claim_eni(action, view)
+            case Fence():
+                self._stop_servers()
+                self.memory = replace(self.memory, claimed_slot=None, rendered=False, protected=False)
+                self._unprotect(view)
+                return None
+            case ProtectFromScaleIn():
+                self._protect(view)
+                return None
+            case AttachVolumes():
+                return self._attach_volumes(action, view)
+            case ConfigureNic():
+                self.host.configure_nic(action.ifname, action.ip, action.subnet, action.table)
+                return None
+            case MakeFilesystem():
+                self.host.make_filesystem(action.device, action.label)
+                return None
+            case Mount():
+                self.host.mount(action.device, action.mountpoint)
+                return None
+            case InitVolume():
+                self._init_volume(action)
+                return None
+            case Install():
+                self._install()
+                return None
+            case Render():
+                self._render(action.slot, view)
+                return None
+            case StartServer():
+                self._start(action.name)
+                return None
+            case RecordKafkaClusterId():
+                self.host.write_file(action.mountpoint / MARKER_NAME, action.marker.to_json())
+                return None
+        raise AssertionError(f"unhandled action {action!r}")  # pragma: no cover
+
+    def _claim_eni(self, action: ClaimEni, view: NodeView) -> str:
+        me = view.instance_id
+        what = f"{action.eni_id} (slot {action.slot}, {action.ip})"
+        try:
+            self.cloud.attach_eni(action.eni_id, me, action.device_index)
+        except ClaimLost as exc:
+            holder = exc.holder or self._holder_of(action.eni_id, view) or "another instance"
+            if holder != me:
+                return f"lost the race for {what} to {holder}; re-checking next cycle"
+            # InUse by us: an earlier attach of ours went through (e.g. its reply was lost and retried).
+        # Read the attachment back: the attach call is the lock on EC2, but not on every emulator
+        # (moto accepts a second attach), so "mine" is what describe says, never what attach returned.
+        now_held = {e.eni_id: e.attached_to for e in self.cloud.slot_enis(self.cfg.name, view.identity.subnet_id)}
+        read_back = now_held.get(action.eni_id)
+        if read_back != me:
+            return f"lost the race for {what}: after attaching, EC2 shows it attached to {read_back}"
+        self.memory = replace(self.memory, claimed_slot=action.slot)
+        return f"claimed {what}"
+
+    def _holder_of(self, eni_id: str, view: NodeView) -> str | None:
+        """Best effort: who holds the ENI now (EC2's InUse error does not say)."""
+        try:
+            enis = self.cloud.slot_enis(self.cfg.name, view.identity.subnet_id)
+        except KafkaAsgError:
+            return None
+        return next((e.attached_to for e in enis if e.eni_id == eni_id), None)
+
+    def _protect(self, view: NodeView) -> None:
+        self.cloud.set_scale_in_protection(self.cfg.asg_name, view.instance_id, True)
+        Semaphores(self.paths.semaphores_dir, view.instance_id).mark(PROTECT_STEP)
+        self.memory = replace(self.memory, protected=True)
+
+    def _unprotect(self, view: NodeView) -> None:
+        sem = Semaphores(self.paths.semaphores_dir, view.instance_id)
+        if sem.has_run(PROTECT_STEP):
+            # Without a slot this instance is surplus: a scale-in should be able to pick it.
+            self.cloud.set_scale_in_protection(self.cfg.asg_name, view.instance_id, False)
+            sem.clear(PROTECT_STEP)
+
+    def _attach_volumes(self, action: AttachVolumes, view: NodeView) -> str | None:
+        for volume_id, device in action.attachments:
+            try:
+                self.cloud.attach_volume(volume_id, view.instance_id, device)
+            except ClaimLost as exc:
+                # Keep what we attached (the slot's ENI is ours): report and retry, never start without all 3.
+                return (
+                    f"waiting: {volume_id} was attached by {exc.holder or 'another instance'} first; "
+                    f"keeping the slot, retrying next cycle"
+                )
+        return None
+
+    def _init_volume(self, action: InitVolume) -> None:
+        # lost+found first: the marker ends this step, so a failure here is retried next cycle.
+        if action.role == "kafka-log":
+            lost_found = action.mountpoint / "lost+found"
+            try:
+                self.host.remove_empty_dir(lost_found)
+            except NotImplementedError:
+                # A Host without the method: same mapping of instance paths as LinuxHost (under paths.root).
+                self._rmdir_fallback(self.paths.under_root(str(lost_found)))
+        self.host.write_file(action.mountpoint / MARKER_NAME, action.marker.to_json())
+
+    @staticmethod
+    def _rmdir_fallback(real: Path) -> None:
+        """``Host.remove_empty_dir``'s contract (absent or not empty: no-op), for a Host without it."""
+        try:
+            real.rmdir()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                logger.warning("kept %s (%s): Kafka will refuse this log dir until it is removed", real, exc.strerror)
+                return
+            raise HostError(f"cannot remove {real}: {exc}") from exc
+
+    def _install(self) -> None:
+        """Download the archives unless already here, check sha256 against manifest.json, unpack."""
+        manifest = _manifest(self.cloud.get_object(self.cfg.bucket, "manifest.json"), self.cfg.bucket)
+        for key, path in (("zookeeper.config", self.cfg.zookeeper_config), ("kafka.config", self.cfg.kafka_config)):
+            if key in manifest:
+                _verify(path, manifest[key], f"s3://{self.cfg.bucket}/{key}")
+        servers: tuple[tuple[ServerName, str], ...] = (
+            ("zookeeper", self.cfg.zookeeper.archive_key),
+            ("kafka", self.cfg.kafka.archive_key),
+        )
+        for name, key in servers:
+            entry = manifest.get(key)
+            where = f"s3://{self.cfg.bucket}/{key}"
+            if entry is None:
+                raise CloudError(f"{where} is not in manifest.json: re-run `kafka-asg up` to upload it")
+            dest = self.paths.downloads_dir / PurePosixPath(key).name
+            if not (dest.exists() and _sha256(dest) == entry["sha256"]):
+                tmp = dest.with_name(dest.name + ".part")
+                self.cloud.download(self.cfg.bucket, key, tmp)
+                try:
+                    _verify(tmp, entry, where)
+                except CloudError:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                tmp.replace(dest)
+            self.services.install(name, dest)
+        self.memory = replace(self.memory, installed=True)
+
+    def _render(self, slot_number: int, view: NodeView) -> None:
+        slot = self.cfg.slot(slot_number)
+        zoo = render.render_zoo_cfg(self.zk_base, self.cfg, slot)
+        props = render.render_server_properties(self.kafka_base, self.cfg, slot, view.identity.az_id)
+        atomic_write(self.zoo_cfg_path, zoo)
+        atomic_write(self.server_properties_path, props)
+        # myid lives in dataDir, i.e. on the zk-data volume: written after the identity check passed.
+        self.host.write_file(Path(self.mountpoints["zk-data"]) / "myid", render.myid_text(slot))
+        self.memory = replace(self.memory, rendered=True)
+
+    @property
+    def zoo_cfg_path(self) -> Path:
+        return self.paths.config_dir / "zoo.cfg"
+
+    @property
+    def server_properties_path(self) -> Path:
+        return self.paths.config_dir / "server.properties"
+
+    def _start(self, name: ServerName) -> None:
+        config = self.zoo_cfg_path if name == "zookeeper" else self.server_properties_path
+        self.services.start(name, config, {})
+
+    def _stop_servers(self) -> None:
+        # Kafka first: its controlled shutdown (on SIGTERM) needs ZooKeeper to move leadership away.
+        if self.services.state("kafka").running:
+            self.services.stop("kafka", self.settings.kafka_stop_timeout)
+        if self.services.state("zookeeper").running:
+            self.services.stop("zookeeper", self.settings.zookeeper_stop_timeout)
+
+    # --------------------------------------------------------------------------------- publish
+    def _publish(self, sentence: str, view: NodeView | None) -> None:
+        # After a claim this cycle the view (taken before it) shows no ENI yet; memory knows the slot.
+        slot = view.my_eni.slot if view is not None and view.my_eni is not None else self.memory.claimed_slot
+        zk_mode = view.zk_mode if view is not None else "down"
+        registered = bool(view and view.broker_registered)
+        instance_id = self.identity.instance_id if self.identity else "unknown"
+        try:
+            write_status(
+                self.paths.status_file,
+                Status(
+                    state=self.state,
+                    reason=sentence,
+                    instance_id=instance_id,
+                    slot=slot,
+                    zk_mode=zk_mode,
+                    broker_registered=registered,
+                    started_at=self._started_at,
+                    state_since=self._state_since,
+                    updated_at=self.clock.time(),
+                    cycle=self.cycle,
+                ),
+            )
+        except OSError as exc:
+            logger.warning("cannot write %s: %s", self.paths.status_file, exc)
+        if self.identity is not None:
+            self._report(
+                {
+                    "state": self.state,
+                    "slot": "" if slot is None else str(slot),
+                    "zk-mode": zk_mode,
+                    "broker": "registered" if registered else "not registered",
+                    "decision": sentence,
+                }
+            )
+
+    def _report(self, values: Mapping[str, str]) -> None:
+        """Instance tags for ``kafka-asg status``: only when a value changed, plus a heartbeat per minute."""
+        assert self.identity is not None
+        now = self.clock.monotonic()
+        tags = {TAG_PREFIX + k: v[:MAX_TAG_VALUE] for k, v in values.items()}
+        since = None if self._reported_at is None else now - self._reported_at
+        key_changed = any(tags[k] != self._reported.get(k) for k in tags if k != TAG_PREFIX + "decision")
+        decision_changed = tags[TAG_PREFIX + "decision"] != self._reported.get(TAG_PREFIX + "decision")
+        due = (
+            since is None
+            or key_changed
+            or (decision_changed and since >= self.settings.report_min_interval)
+            or since >= self.settings.heartbeat_seconds
+        )
+        if not due:
+            return
+        tags[TAG_PREFIX + "heartbeat"] = datetime.fromtimestamp(self.clock.time(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        try:
+            self.cloud.report(self.identity.instance_id, tags)
+        except KafkaAsgError as exc:
+            logger.warning("could not report state as instance tags: %s", exc)
+            return
+        except Exception:
+            # Reporting must never stop the loop that keeps the servers supervised.
+            logger.exception("unexpected error reporting state as instance tags; please report it as a BUG")
+            return
+        self._reported, self._reported_at = tags, now
+
+    # ---------------------------------------------------------------------------------- daemon
+    def run_forever(self) -> int:
+        """Cycle until SIGTERM/SIGINT (then stop Kafka with a controlled shutdown, then ZooKeeper) or until
+        a warm-pool halt. Returns the process exit code."""
+        previous: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        try:
+            return self._loop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _loop(self) -> int:
+        chained = 0
+        while not self._stop.is_set():
+            logger.info("%s", self.run_cycle())
+            if self.halted:
+                return 0
+            # Boot steps follow each other without a pause (the loop must not slow a boot down: target
+            # <= 1 s of agent work per node); waits are paced. The cap keeps a bug from spinning.
+            if self.progressed and chained < MAX_CHAINED_CYCLES:
+                chained += 1
+                continue
+            chained = 0
+            # Booting polls fast; serving, standby and refused re-check at the slower pace (a surplus instance
+            # may stand by for days: keep its API calls low).
+            interval = self.settings.booting_interval if self.state == "booting" else self.settings.serving_interval
+            self._stop.wait(interval)
+        self.shutdown()
+        return 0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        logger.info("received %s: stopping after this cycle", signal.Signals(signum).name)
+        self._stop.set()
+
+    def shutdown(self) -> str:
+        """Kafka controlled shutdown (SIGTERM + wait), then ZooKeeper; report ``stopping``."""
+        self._set_state("stopping")
+        sentence = "stopping: kafka controlled shutdown, then zookeeper"
+        logger.info("%s", sentence)
+        try:
+            self._stop_servers()
+        except KafkaAsgError as exc:
+            sentence = f"stopping: {exc}"
+            logger.error("while stopping the servers: %s", exc)
+        self._publish(sentence, self.last_view)
+        return sentence
+
+
+def _manifest(raw: bytes, bucket: str) -> dict[str, dict[str, object]]:
+    try:
+        files = json.loads(raw)["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not an object")
+        return files
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CloudError(
+            f"s3://{bucket}/manifest.json is not a kafka-asg manifest ({exc}); re-run `kafka-asg up`"
+        ) from exc
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify(path: Path, entry: Mapping[str, object], where: str) -> None:
+    actual = _sha256(path)
+    if actual != entry.get("sha256"):
+        raise CloudError(
+            f"{where}: sha256 {actual} does not match manifest.json ({entry.get('sha256')}); "
+            "the object changed after `kafka-asg up` or the download is corrupt: re-run `kafka-asg up`"
+        )

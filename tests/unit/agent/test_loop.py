@@ -1,0 +1,528 @@
+"""Whole boots of the agent against the in-memory fakes (agent/fakes.py): fresh boot, reboot, replacement,
+surplus, refusal, races, crashes, fencing, shutdown. Each test asserts the sentences ``run_cycle`` returns."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from kafka_asg.agent.fakes import FakeClock, FakeCloud, FakeHost, FakeImds, FakeServices, FakeWorld
+from kafka_asg.agent.loop import Agent, AgentSettings
+from kafka_asg.agent.ports import Host, InstanceIdentity
+from kafka_asg.agent.snapshot import MARKER_NAME
+from kafka_asg.agent.status import health, read_status
+from kafka_asg.config import VOLUME_ROLES, ClusterConfig, seed_config
+from kafka_asg.errors import Unavailable
+from kafka_asg.paths import AgentPaths
+
+CFG: ClusterConfig = seed_config()
+BUCKET = CFG.bucket
+SUBNETS = {1: ("subnet-1a", "eu-west-1a", "10.0.0.48/28"), 2: ("subnet-1b", "eu-west-1b", "10.0.0.16/28")}
+SUBNETS[3] = ("subnet-1c", "eu-west-1c", "10.0.0.32/28")
+SERVING = "no action: zookeeper follower, broker 2 registered"
+KAFKA_LOG = "/var/lib/kafka/event-log"
+
+
+def make_world() -> FakeWorld:
+    world = FakeWorld()
+    for slot in CFG.slots:
+        subnet_id, az, _ = SUBNETS[slot.number]
+        world.add_eni(CFG.name, slot.number, str(slot.ip), subnet_id)
+        for role in VOLUME_ROLES:
+            world.add_volume(CFG.name, slot.number, role, az)
+    world.put_with_manifest(
+        BUCKET,
+        {
+            CFG.zookeeper.archive_key: b"zookeeper archive bytes",
+            CFG.kafka.archive_key: b"kafka archive bytes",
+            "zookeeper.config": CFG.zookeeper_config.read_bytes(),
+            "kafka.config": CFG.kafka_config.read_bytes(),
+        },
+    )
+    return world
+
+
+@dataclass
+class Node:
+    agent: Agent
+    host: FakeHost
+    services: FakeServices
+    imds: FakeImds
+    paths: AgentPaths
+    instance_id: str
+
+
+def boot(world: FakeWorld, tmp: Path, instance_id: str, clock: FakeClock, slot_subnet: int = 2) -> Node:
+    """A new instance (or a reboot: a new process, new OS state, same world) in the slot's subnet."""
+    subnet_id, az, cidr = SUBNETS[slot_subnet]
+    world.instances[instance_id] = "running"
+    identity = InstanceIdentity(
+        instance_id=instance_id,
+        region="eu-west-1",
+        az=az,
+        az_id=f"euw1-az{slot_subnet}",
+        mac=f"02:00:00:aa:00:{len(world.instances):02x}",
+        subnet_id=subnet_id,
+        subnet_cidr=IPv4Network(cidr),
+        vpc_id="vpc-1",
+        local_ipv4=IPv4Address("10.0.0.20"),
+    )
+    host = FakeHost(world, instance_id)
+    services = FakeServices(clock.monotonic)
+    imds = FakeImds(identity)
+    paths = AgentPaths(root=tmp / instance_id)
+
+    def kafka_writes_meta() -> None:  # Kafka writes meta.properties on its first start
+        meta = Path(KAFKA_LOG) / "meta.properties"
+        if host.read_file(meta) is None:
+            host.write_file(meta, "version=0\nbroker.id=2\ncluster.id=Clu5terId\n")
+
+    services.meta_writer = kafka_writes_meta
+    agent = Agent(
+        CFG,
+        imds=imds,
+        cloud=FakeCloud(world),
+        host=host,
+        services=services,
+        paths=paths,
+        clock=clock,
+        settings=AgentSettings(),
+    )
+    return Node(agent, host, services, imds, paths, instance_id)
+
+
+def run(node: Node, clock: FakeClock, until: str, max_cycles: int = 40) -> list[str]:
+    sentences = []
+    for _ in range(max_cycles):
+        sentences.append(node.agent.run_cycle())
+        clock.advance(1.0)
+        if sentences[-1] == until:
+            return sentences
+    raise AssertionError(f"never reached {until!r}; sentences:\n" + "\n".join(sentences))
+
+
+def volume_file(world: FakeWorld, slot: int, role: str, name: str) -> str | None:
+    vol = world.volumes[f"vol-{slot}{role.replace('-', '')}"]
+    data = vol.files.get(name)
+    return data.decode() if data is not None else None
+
+
+@pytest.fixture
+def world() -> FakeWorld:
+    return make_world()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+# ------------------------------------------------------------------------------ fresh boot
+
+
+def test_fresh_boot_reaches_serving(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
+    node = boot(world, tmp_path, "i-first", clock)
+    sentences = run(node, clock, SERVING)
+    assert sentences == [
+        "claimed eni-0002 (slot 2, 10.0.0.21)",
+        "protecting i-first from scale-in: it holds slot 2 (eni-0002)",
+        "attaching slot 2 volumes: vol-2zkdata (zk-data), vol-2zktxlog (zk-txlog), vol-2kafkalog (kafka-log)",
+        "configuring ens7 (eni-0002): 10.0.0.21/28, policy routing via table 10001",
+        "making a filesystem on /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol2zkdata (vol-2zkdata, zk-data): "
+        "it has none",
+        "mounting /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol2zkdata (vol-2zkdata, zk-data, ext4) at "
+        "/var/lib/zookeeper/data",
+        "making a filesystem on /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol2zktxlog (vol-2zktxlog, "
+        "zk-txlog): it has none",
+        "mounting /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol2zktxlog (vol-2zktxlog, zk-txlog, ext4) at "
+        "/var/lib/zookeeper/transaction-log",
+        "making a filesystem on /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol2kafkalog (vol-2kafkalog, "
+        "kafka-log): it has none",
+        "mounting /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol2kafkalog (vol-2kafkalog, kafka-log, ext4) at "
+        "/var/lib/kafka/event-log",
+        "marking vol-2zkdata as event-servers slot 2 zk-data",
+        "marking vol-2zktxlog as event-servers slot 2 zk-txlog",
+        "marking vol-2kafkalog as event-servers slot 2 kafka-log",
+        "installing zookeeper 3.8.7 and kafka 3.9.2",
+        "rendering zoo.cfg, myid and server.properties for slot 2",
+        "starting zookeeper (server.2, 10.0.0.21:2181)",
+        "starting kafka (broker 2, 10.0.0.21:9095)",
+        "recording kafka cluster.id Clu5terId in the kafka-log volume's marker",
+        SERVING,
+    ]
+    assert node.services.events == ["install zookeeper", "install kafka", "start zookeeper", "start kafka"]
+    assert node.host.mkfs_calls == ["vol-2zkdata", "vol-2zktxlog", "vol-2kafkalog"]
+    assert volume_file(world, 2, "zk-data", "myid") == "2\n"
+    assert volume_file(world, 2, "kafka-log", "lost+found/") is None  # Kafka refuses it in a log dir
+    assert json.loads(volume_file(world, 2, "kafka-log", MARKER_NAME) or "") == {
+        "version": 1,
+        "cluster": "event-servers",
+        "slot": 2,
+        "role": "kafka-log",
+        "kafka_cluster_id": "Clu5terId",
+    }
+    zoo = (node.paths.config_dir / "zoo.cfg").read_text()
+    assert "server.2=10.0.0.21:2888:3888" in zoo
+    props = (node.paths.config_dir / "server.properties").read_text()
+    assert "broker.id=2" in props
+    assert "broker.rack=euw1-az2" in props
+    assert world.protected == {"i-first": True}
+    status = read_status(node.paths.status_file)
+    assert status is not None
+    assert (status.state, status.slot, status.reason) == ("serving", 2, SERVING)
+    assert health(status, clock.time()).healthy
+    tags = world.tags["i-first"]
+    # The sentence changed within report_min_interval of the last report: published on a later cycle.
+    assert tags["kafka-asg:decision"] == "recording kafka cluster.id Clu5terId in the kafka-log volume's marker"
+    clock.advance(10)
+    assert node.agent.run_cycle() == SERVING
+    assert tags["kafka-asg:state"] == "serving"
+    assert tags["kafka-asg:slot"] == "2"
+    assert tags["kafka-asg:zk-mode"] == "follower"
+    assert tags["kafka-asg:broker"] == "registered"
+    assert tags["kafka-asg:decision"] == SERVING
+
+
+def test_reboot_reformats_nothing_and_keeps_ids(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
+    first = boot(world, tmp_path, "i-first", clock)
+    run(first, clock, SERVING)
+    marker_before = volume_file(world, 2, "kafka-log", MARKER_NAME)
+    # Reboot: same instance and disks, the OS forgot mounts and NIC config, the servers are not running.
+    again = boot(world, tmp_path, "i-first", clock)
+    sentences = run(again, clock, SERVING)
+    assert not any(s.startswith(("making a filesystem", "marking", "claimed")) for s in sentences)
+    assert again.host.mkfs_calls == []
+    assert volume_file(world, 2, "zk-data", "myid") == "2\n"
+    assert volume_file(world, 2, "kafka-log", "meta.properties") == "version=0\nbroker.id=2\ncluster.id=Clu5terId\n"
+    assert volume_file(world, 2, "kafka-log", MARKER_NAME) == marker_before
+    assert not any(s.startswith("protecting") for s in sentences)  # once per instance (semaphore)
+    assert [c for c in world.calls if c.startswith("set_scale_in")] == ["set_scale_in_protection i-first True"]
+
+
+def test_agent_restart_with_servers_still_running_starts_nothing(
+    world: FakeWorld, clock: FakeClock, tmp_path: Path
+) -> None:
+    first = boot(world, tmp_path, "i-first", clock)
+    run(first, clock, SERVING)
+    restarted = Agent(
+        CFG,
+        imds=first.imds,
+        cloud=FakeCloud(world),
+        host=first.host,
+        services=first.services,
+        paths=first.paths,
+        clock=clock,
+    )
+    node = Node(restarted, first.host, first.services, first.imds, first.paths, "i-first")
+    sentences = run(node, clock, SERVING)
+    assert sentences[-1] == SERVING
+    assert first.services.events.count("start zookeeper") == 1
+    assert first.services.events.count("start kafka") == 1
+
+
+def test_replacement_takes_over_the_slot_identity(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
+    run(boot(world, tmp_path, "i-first", clock), clock, SERVING)
+    world.terminate("i-first")
+    new = boot(world, tmp_path, "i-new", clock)
+    sentences = run(new, clock, SERVING)
+    assert sentences[0] == "claimed eni-0002 (slot 2, 10.0.0.21)"
+    assert new.host.mkfs_calls == []
+    assert volume_file(world, 2, "zk-data", "myid") == "2\n"
+    assert "cluster.id=Clu5terId" in (volume_file(world, 2, "kafka-log", "meta.properties") or "")
+
+
+def test_replacement_waits_while_the_old_holder_shuts_down(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
+    run(boot(world, tmp_path, "i-first", clock), clock, SERVING)
+    world.instances["i-first"] = "shutting-down"
+    new = boot(world, tmp_path, "i-new", clock)
+    assert new.agent.run_cycle() == (
+        "waiting for eni-0002 (slot 2, 10.0.0.21): holder i-first is shutting-down (waited 0s of 300s)"
+    )
+    clock.advance(30)
+    assert new.agent.run_cycle() == (
+        "waiting for eni-0002 (slot 2, 10.0.0.21): holder i-first is shutting-down (waited 30s of 300s)"
+    )
+    assert new.agent.state == "standby"
+    world.terminate("i-first")
+    assert new.agent.run_cycle() == "claimed eni-0002 (slot 2, 10.0.0.21)"
+
+
+# ------------------------------------------------------------------------------ surplus, races
+
+
+def test_surplus_instance_never_starts_servers(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
+    run(boot(world, tmp_path, "i-first", clock), clock, SERVING)
+    surplus = boot(world, tmp_path, "i-surplus", clock)
+    for _ in range(10):
+        assert surplus.agent.run_cycle() == (
+            "standing by: every slot of subnet-1b is held by a live instance (slot 2: i-first)"
+        )
+        clock.advance(5)
+    assert surplus.services.events == []
+    assert "i-surplus" not in world.protected
+    status = read_status(surplus.paths.status_file)
+    assert status is not None
+    assert status.state == "standby"
+    assert not health(status, clock.time()).healthy
+    assert world.tags["i-surplus"]["kafka-asg:state"] == "standby"
+    # The slot frees (the holder is gone): the standby instance takes it.
+    world.terminate("i-first")
+    assert run(surplus, clock, SERVING)[0] == "claimed eni-0002 (slot 2, 10.0.0.21)"
+
+
+def test_lost_attach_race_then_standby(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
+    node = boot(world, tmp_path, "i-late", clock)
+    world.instances["i-winner"] = "running"
+    cloud = node.agent.cloud
+    assert isinstance(cloud, FakeCloud)
+    cloud.race["eni-0002"] = "i-winner"
+    assert (
+        node.agent.run_cycle() == "lost the race for eni-0002 (slot 2, 10.0.0.21) to i-winner; re-checking next cycle"
+    )
+    assert node.agent.run_cycle() == (
+        "standing by: every slot of subnet-1b is held by a live instance (slot 2: i-winner)"
+    )
+    assert node.services.events == []
+
+
+def test_lost_volume_race_keeps_the_slot_and_retries(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
+    node = boot(world, tmp_path, "i-first", clock)
+    world.instances["i-other"] = "running"
+    cloud = node.agent.cloud
+    assert isinstance(cloud, FakeCloud)
+    cloud.race["vol-2zktxlog"] = "i-other"
+    sentences = [node.agent.run_cycle() for _ in range(4)]
+    assert sentences[2] == "waiting: vol-2zktxlog was attached by i-other first; keeping the slot, retrying next cycle"
+    assert sentences[3] == (
+        "waiting: vol-2zktxlog (slot 2 zk-txlog) is attached to i-other (running); "
+        "not starting without all three volumes"
+    )
+    assert world.enis["eni-0002"].attached_to == "i-first"  # nothing released silently
+    world.terminate("i-other")
+    assert run(node, clock, SERVING)[-1] == SERVING
+
+
+# ------------------------------------------------------------------------------ refusal
+
+
+def test_volume_with_another_clusters_meta_properties_is_refused(
+    world: FakeWorld, clock: FakeClock, tmp_path: Path
+) -> None:
+    foreign = world.volumes["vol-2kafkalog"]
+    foreign.filesystem = "ext4"
+    foreign.files = {"meta.properties": b"version=0\nbroker.id=2\ncluster.id=ForeignCluster\n"}
+    node = boot(world, tmp_path, "i-first", clock)
+    reason = (
+        "refused: vol-2kafkalog (kafka-log) has no kafka-asg marker but holds kafka data (meta.properties "
+        "broker.id=2 cluster.id=ForeignCluster); not starting zookeeper or kafka"
+    )
+    sentences = run(node, clock, reason)
+    assert node.agent.run_cycle() == reason  # and stays refused
+    assert "vol-2kafkalog" not in node.host.mkfs_calls
+    assert node.services.events == []
+    status = read_status(node.paths.status_file)
+    assert status is not None
+    assert (status.state, status.reason) == ("refused", reason)
+    assert world.tags["i-first"]["kafka-asg:state"] == "refused"
+    assert len(sentences) > 1
+
+
+# ------------------------------------------------------------------------------ supervise, fence, stop
+
+
+def test_crashed_kafka_restarts_with_backoff(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
+    node = boot(world, tmp_path, "i-first", clock)
+    run(node, clock, SERVING)
+    node.services.crash("kafka")
+    assert node.agent.run_cycle() == "waiting: kafka exited (1x); restarting in 2s (backoff)"
+    clock.advance(2)
+    assert node.agent.run_cycle() == "restarting kafka (broker 2, 10.0.0.21:9095; it exited 1x)"
+    assert node.agent.run_cycle() == SERVING
+    assert node.services.events[-1] == "start kafka"
+
+
+def test_lost_fence_stops_servers_at_once(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
+    node = boot(world, tmp_path, "i-first", clock)
+    run(node, clock, SERVING)
+    world.instances["i-thief"] = "running"
+    world.enis["eni-0002"].attached_to = "i-thief"
+    assert node.agent.run_cycle() == (
+        "fenced: eni-0002 (slot 2) is no longer attached to this instance (holder: i-thief); "
+        "stopping kafka and zookeeper"
+    )
+    assert node.services.events[-2:] == ["stop kafka", "stop zookeeper"]
+    assert world.protected["i-first"] is False
+    assert node.agent.run_cycle() == (
+        "standing by: every slot of subnet-1b is held by a live instance (slot 2: i-thief)"
+    )
+
+
+def test_shutdown_stops_kafka_then_zookeeper(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
+    node = boot(world, tmp_path, "i-first", clock)
+    run(node, clock, SERVING)
+    assert node.agent.shutdown() == "stopping: kafka controlled shutdown, then zookeeper"
+    assert node.services.events[-2:] == ["stop kafka", "stop zookeeper"]
+    status = read_status(node.paths.status_file)
+    assert status is not None
+    assert status.state == "stopping"
+    assert world.tags["i-first"]["kafka-asg:state"] == "stopping"
+
+
+def test_warm_pool_claims_nothing(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
+    node = boot(world, tmp_path, "i-warm", clock)
+    node.imds.lifecycle = "Warmed:Stopped"
+    assert node.agent.run_cycle() == "warm pool (Warmed:Stopped): not claiming a slot; stopping the agent"
+    assert node.agent.halted
+    assert node.agent.run_forever() == 0
+    assert world.enis["eni-0002"].attached_to is None
+
+
+def test_cloud_unavailable_means_retry_next_cycle(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
+    node = boot(world, tmp_path, "i-first", clock)
+    run(node, clock, SERVING)
+    cloud = node.agent.cloud
+    assert isinstance(cloud, FakeCloud)
+    cloud.fail_next.append(Unavailable("DescribeNetworkInterfaces: Rate exceeded (RequestLimitExceeded)"))
+    assert node.agent.run_cycle() == (
+        "waiting: DescribeNetworkInterfaces: Rate exceeded (RequestLimitExceeded); retrying next cycle"
+    )
+    assert node.agent.state == "serving"  # a transient failure does not demote the node
+    assert node.services.events.count("stop kafka") == 0
+    assert node.agent.run_cycle() == SERVING
+
+
+def test_archive_with_wrong_sha256_is_not_installed(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
+    world.put_object(BUCKET, CFG.kafka.archive_key, b"tampered")
+    node = boot(world, tmp_path, "i-first", clock)
+    sentences = [node.agent.run_cycle() for _ in range(15)]
+    want = hashlib.sha256(b"tampered").hexdigest()
+    assert sentences[-1].startswith(f"failed: s3://{BUCKET}/{CFG.kafka.archive_key}: sha256 {want} does not match")
+    assert sentences[-1].endswith("re-run `kafka-asg up`; retrying next cycle")
+    assert "install kafka" not in node.services.events
+    assert not (node.paths.downloads_dir / "kafka_2.13-3.9.2.tgz").exists()
+    assert not any(s.startswith("starting") for s in sentences)
+
+
+def test_tags_are_reported_on_change_and_as_heartbeat(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
+    node = boot(world, tmp_path, "i-first", clock)
+    run(node, clock, SERVING)
+    clock.advance(10)
+    node.agent.run_cycle()  # publishes the settled sentence
+    reports_before = world.calls.count("report")
+    for _ in range(11):  # 55 s of serving: nothing changed, no heartbeat due yet
+        clock.advance(5)
+        assert node.agent.run_cycle() == SERVING
+    assert world.calls.count("report") == reports_before
+    clock.advance(10)
+    node.agent.run_cycle()
+    assert world.calls.count("report") == reports_before + 1
+
+
+# ------------------------------------------------------------------------------ the daemon
+
+
+def test_run_forever_boots_then_stops_on_sigterm(world: FakeWorld, tmp_path: Path) -> None:
+    real = SystemClockForTest()
+    node = boot(world, tmp_path, "i-first", real)
+    node.agent.settings = AgentSettings(booting_interval=0.01, serving_interval=0.01)
+    served = threading.Event()
+
+    def stop_when_serving() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if node.agent.state == "serving":
+                served.set()
+                break
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    watcher = threading.Thread(target=stop_when_serving)
+    watcher.start()
+    try:
+        assert node.agent.run_forever() == 0
+    finally:
+        watcher.join()
+    assert served.is_set()
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
+    assert node.services.events[-2:] == ["stop kafka", "stop zookeeper"]
+    status = read_status(node.paths.status_file)
+    assert status is not None
+    assert status.state == "stopping"
+
+
+class SystemClockForTest(FakeClock):
+    """Real time (the daemon waits on a real Event), in FakeClock's shape for ``boot``."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def time(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class HostWithoutRmdir(FakeHost):
+    """A Host written before ``remove_empty_dir`` existed (the base class raises NotImplementedError)."""
+
+    def remove_empty_dir(self, path: Path) -> None:
+        Host.remove_empty_dir(self, path)
+
+
+@pytest.mark.parametrize("content", [None, "", "a file fsck left"])
+def test_lost_found_fallback_under_the_agent_root(
+    world: FakeWorld, clock: FakeClock, tmp_path: Path, content: str | None
+) -> None:
+    """content None: no lost+found at all; "": an empty one; text: one that is not empty."""
+    node = boot(world, tmp_path, "i-first", clock)
+    host = HostWithoutRmdir(world, "i-first")
+    node.agent.host = host
+    lost_found = node.paths.under_root(KAFKA_LOG + "/lost+found")
+    lost_found.parent.mkdir(parents=True)
+    if content is not None:
+        lost_found.mkdir()
+    if content:
+        (lost_found / "#12").write_text(content)
+    sentences = [node.agent.run_cycle() for _ in range(14)]
+    assert "marking vol-2kafkalog as event-servers slot 2 kafka-log" in sentences
+    assert volume_file(world, 2, "kafka-log", MARKER_NAME) is not None
+    # Only an empty directory goes; one with content is kept (and logged): data is never deleted.
+    assert lost_found.exists() == bool(content)
+
+
+def test_per_instance_mode_boots_on_the_launch_template_volumes(clock: FakeClock, tmp_path: Path) -> None:
+    world = make_world()
+    node = boot(world, tmp_path, "i-first", clock)
+    node.agent.cfg = replace(CFG, volumes="per-instance")
+    world.add_instance_volumes(CFG.name, "i-first", "eu-west-1b")
+    sentences = run(node, clock, SERVING)
+    assert not any(s.startswith("attaching") for s in sentences)
+    assert node.host.mkfs_calls == ["vol-i-first-zk-data", "vol-i-first-zk-txlog", "vol-i-first-kafka-log"]
+    assert world.volumes["vol-2zkdata"].attached_to is None  # the slot volumes are not used in this mode
+    assert world.volumes["vol-i-first-zk-data"].files["myid"] == b"2\n"
+
+
+def test_unexpected_error_is_a_bug_logged_once_with_traceback(
+    world: FakeWorld, clock: FakeClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = boot(world, tmp_path, "i-first", clock)
+    cloud = node.agent.cloud
+    assert isinstance(cloud, FakeCloud)
+    for _ in range(2):
+        cloud.fail_next.append(TypeError("boom"))
+        assert node.agent.run_cycle() == "failed: unexpected TypeError: boom (a BUG)"
+    bugs = [r for r in caplog.records if "please report it as a BUG" in r.getMessage()]
+    assert len(bugs) == 1
+    assert bugs[0].exc_info is not None
+    assert node.agent.run_cycle() == "claimed eni-0002 (slot 2, 10.0.0.21)"  # and the loop carries on
