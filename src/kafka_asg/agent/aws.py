@@ -89,20 +89,34 @@ class AwsCloud(Cloud):
 
     def __init__(self, region: str, endpoint_url: str | None = None, *, retry: Retry | None = None) -> None:
         self.retry = retry or Retry(deadline=30.0)
-        session = boto3.session.Session(region_name=region)
+        self.region = region
+        self.endpoint_url = endpoint_url
+        self._connect()
+
+    def _connect(self) -> None:
+        """(Re)build the clients. botocore resolves credentials once, when a client is created: a client made
+        while the role's credentials were not yet in IMDS stays without them, so a miss rebuilds the clients."""
+        session = boto3.session.Session(region_name=self.region)
+        # botocore asks IMDS for role credentials once with a 1 s timeout by default; a new instance's IMDS can
+        # be slower than that (https://docs.aws.amazon.com/sdkref/latest/guide/feature-imds-credentials.html).
+        session._session.set_config_variable("metadata_service_timeout", 5)
+        session._session.set_config_variable("metadata_service_num_attempts", 3)
         config = Config(
             retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=5,
             read_timeout=20,
         )
-        self.ec2: Any = session.client("ec2", endpoint_url=endpoint_url, config=config)
-        self.autoscaling: Any = session.client("autoscaling", endpoint_url=endpoint_url, config=config)
-        self.s3: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
+        self.ec2: Any = session.client("ec2", endpoint_url=self.endpoint_url, config=config)
+        self.autoscaling: Any = session.client("autoscaling", endpoint_url=self.endpoint_url, config=config)
+        self.s3: Any = session.client("s3", endpoint_url=self.endpoint_url, config=config)
 
     def _call(self, what: str, func: Callable[[], T], resource: str | None = None) -> T:
         def once() -> T:
             try:
                 return func()
+            except (NoCredentialsError, CredentialRetrievalError) as exc:
+                self._connect()
+                raise translate(exc, what, resource) from exc
             except (ClientError, BotoCoreError) as exc:
                 raise translate(exc, what, resource) from exc
 

@@ -203,10 +203,6 @@ def default_mountpoints() -> dict[VolumeRole, PurePosixPath]:
     }
 
 
-def zk_connect(cfg: ClusterConfig) -> str:
-    return ",".join(f"{s.ip}:{cfg.ports.zk_client}" for s in sorted(cfg.slots, key=lambda s: s.number))
-
-
 # -------------------------------------------------------------------------------- observe
 
 
@@ -249,7 +245,9 @@ def observe(
     if my_eni is not None and servers["zookeeper"].running:
         zk_mode = services.zk_mode(my_eni.ip, cfg.ports.zk_client)
     if my_eni is not None and servers["kafka"].running and zk_mode in ("leader", "follower", "standalone"):
-        registered = services.broker_registered(zk_connect(cfg), my_eni.slot)
+        # Ask this node's own server, which was just seen serving: a connect string with every slot would let
+        # the client pick a slot whose IP nobody holds yet and time out.
+        registered = services.broker_registered(f"{my_eni.ip}:{cfg.ports.zk_client}", my_eni.slot)
     return NodeView(
         now=now,
         identity=identity,

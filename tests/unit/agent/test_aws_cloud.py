@@ -211,3 +211,20 @@ def test_instance_volumes_for_per_instance_mode(aws: dict[str, Any]) -> None:
     found = cloud.instance_volumes(instance)
     assert {"/dev/sdb", "/dev/sdc", "/dev/sdd"} <= set(found)
     assert all(v.startswith("vol-") for v in found.values())
+
+
+def test_clients_made_before_credentials_existed_recover(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A new instance's role credentials can show up in IMDS after the agent made its clients; botocore keeps a
+    # client's missing credentials for ever, so the adapter rebuilds its clients after a miss.
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with mock_aws():
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            monkeypatch.delenv(name, raising=False)
+        cloud = AwsCloud("eu-west-1", retry=Retry(deadline=5, max_tries=2, delay=0.01))
+        with pytest.raises(Unavailable, match="no AWS credentials"):
+            cloud.instance_state("i-0123456789abcdef0")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        assert cloud.instance_state("i-0123456789abcdef0") is None  # the rebuilt clients sign: EC2 answers
