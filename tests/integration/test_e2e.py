@@ -124,20 +124,45 @@ def disk_identity(instance_id: str) -> str:
     return done.stdout.decode()
 
 
-def test_rerunning_the_agent_on_a_live_instance_reformats_nothing(cluster: ClusterConfig) -> None:
+def reboot(cfg: ClusterConfig, instance_id: str) -> None:
+    """What a reboot does to an instance: every process dies, mounts and NIC configuration are gone; then the
+    service manager starts the agent again (cloud-init does not re-run user data on a reboot)."""
+    from kafka_asg.local.commands import region_info
+
+    pids = subprocess.run(["ip", "netns", "pids", instance_id], capture_output=True, text=True, check=True).stdout
+    for pid in pids.split():
+        subprocess.run(["kill", "-KILL", pid], check=False)
+    info = region_info()
+    assert info is not None
+    wiped = instance_exec(
+        instance_id,
+        "sleep 1; umount /var/lib/zookeeper/data /var/lib/zookeeper/transaction-log /var/lib/kafka/event-log;"
+        " for dev in $(ls /sys/class/net); do case $dev in lo|eth0) ;; *) ip addr flush dev $dev;"
+        " ip link set $dev down;; esac; done; ip rule del priority 10001 || true;"
+        " ! grep -q ' /var/lib/kafka/event-log ' /proc/mounts",
+    )
+    assert wiped.returncode == 0, wiped.stderr
+    started = instance_exec(
+        instance_id,
+        f"echo '--- reboot ---' >> /var/log/kafka-asg/agent.log; AWS_ENDPOINT_URL={info.instance_endpoint_url}"
+        " SHIV_ROOT=/opt/kafka-asg/shiv setsid python3 /opt/kafka-asg/kafka-asg-agent.pyz run"
+        f" --bucket {cfg.bucket} --region {cfg.region} --cluster {cfg.name}"
+        " >> /var/log/kafka-asg/agent.log 2>&1 < /dev/null &",
+    )
+    assert started.returncode == 0, started.stderr
+
+
+def test_a_reboot_reformats_nothing_and_keeps_the_ids(cluster: ClusterConfig) -> None:
     instance = holder(1)
     before = disk_identity(instance)
     assert before.count("-") >= 3 * 4, before  # three filesystem UUIDs
-    rerun = instance_exec(
-        instance,
-        "SHIV_ROOT=/opt/kafka-asg/shiv python3 /opt/kafka-asg/kafka-asg-agent.pyz run --once"
-        f" --bucket {cluster.bucket} --region {cluster.region} --cluster {cluster.name}",
-        timeout=180,
-    )
-    assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
+    assert before.endswith("1\nbroker.id=1\n"), before
+    reboot(cluster, instance)
+    wait_for("slot 1 serving again after the reboot", all_slots_serving, timeout=300)
+    assert holder(1) == instance
     assert disk_identity(instance) == before
-    assert "myid" not in before and "1\nbroker.id=1" in before
-    assert all_slots_serving()
+    log = instance_exec(instance, "sed -n '/--- reboot ---/,$p' /var/log/kafka-asg/agent.log").stdout.decode()
+    assert "mounting" in log and "making a filesystem" not in log, log[-3000:]
 
 
 def test_a_surplus_instance_stands_by_and_is_the_one_removed(cluster: ClusterConfig) -> None:
@@ -178,7 +203,7 @@ def _autoscaling(cfg: ClusterConfig) -> Any:
 def test_replacement_takes_over_slot_2_and_keeps_every_message(cluster: ClusterConfig) -> None:
     topic = "before-kill"
     produce = bastion(
-        f"kafka-topics() {{ :; }}; seq 1 500 | sed 's/^/m-/' | kcat -P -b {BOOTSTRAP} -t {topic} -X acks=all", 120
+        f"seq 1 500 | sed 's/^/m-/' | kcat -P -b {BOOTSTRAP} -t {topic} -X acks=all", 120
     )
     assert produce.returncode == 0, produce.stderr
     old = holder(2)

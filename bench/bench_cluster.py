@@ -1,0 +1,207 @@
+"""Benchmark the whole rehearsal (issue 4): run as root, ``.venv/bin/python bench/bench_cluster.py``.
+
+Measures, on a cold local region with real ZooKeeper and Kafka:
+
+1. ``up --local`` wall time by phase (region, artifacts, provision, cluster serving, verify);
+2. total RSS of the 3-node rehearsal (every process in the instance namespaces, the bastion, the daemon);
+3. replacement: ``local kill 2`` → every slot serving again, and the part of it spent waiting for EC2 to
+   release the old instance's ENI and volumes (the region's ``detach_delay``);
+4. boot overhead on the replacement: (user data start → member healthy, minus the wait for the old holder)
+   divided by (the same JVMs started by hand on the already-rendered config, in the same namespace, until
+   ZooKeeper is in the quorum and the broker is in the cluster metadata); and the agent's own work: its CPU
+   seconds, and its wall time before it starts ZooKeeper.
+
+Results go to bench/results/cluster.json and a markdown table on stdout. Leaves the machine clean (down --local).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kafka_asg.local.commands import make_hosts, region_info
+from kafka_asg.paths import RegionPaths
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "cluster.json"
+CLI = [sys.executable, "-m", "kafka_asg.cli"]
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def cli(*args: str, timeout: float = 1200) -> str:
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"kafka-asg {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def status() -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = json.loads(cli("status", "--local", "--json"))
+    return rows
+
+
+def serving() -> bool:
+    slots = [r for r in status() if r["slot"] is not None]
+    return len(slots) == 3 and all(r["serving"] for r in slots)
+
+
+def holder(slot: int) -> str:
+    return next(str(r["instance"]) for r in status() if r["slot"] == slot)
+
+
+def in_instance(instance: str, script: str, timeout: float = 300) -> str:
+    done = make_hosts(RegionPaths.default()).exec_in(instance, ["sh", "-c", script], timeout=timeout)
+    if done.returncode != 0:
+        raise SystemExit(f"{instance}: {script!r} failed: {done.stderr.decode()[-2000:]}")
+    return done.stdout.decode()
+
+
+def rss_kib(pid: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def rehearsal_rss_mib(bastion: str, daemon_pid: int) -> dict[str, float]:
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    per_ns: dict[str, float] = {}
+    for line in namespaces.splitlines():
+        name = line.split()[0]
+        if name.startswith("i-") or name == bastion:
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=False)
+            per_ns[name] = sum(rss_kib(p) for p in pids.stdout.split()) / 1024
+    per_ns["daemon"] = rss_kib(str(daemon_pid)) / 1024
+    per_ns["total"] = sum(per_ns.values())
+    return {k: round(v, 1) for k, v in per_ns.items()}
+
+
+def log_times(text: str, pattern: str) -> list[float]:
+    out = []
+    for line in text.splitlines():
+        match = LOG_TIME.match(line)
+        if match and re.search(pattern, line):
+            out.append(datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return out
+
+
+def agent_timeline(instance: str) -> dict[str, float]:
+    """From the instance's own logs: user data start, first claim, ZooKeeper started, first serving cycle."""
+    cloud_init = in_instance(instance, "cat /var/log/cloud-init-output.log")
+    started = re.search(r"user data starting at (\S+)", cloud_init)
+    assert started, cloud_init
+    # Whole seconds (the user data's `date -u`): the boot time below is good to about a second.
+    user_data = datetime.strptime(started.group(1), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    log = in_instance(instance, "cat /var/log/kafka-asg/agent.log")
+    waits = log_times(log, r"waiting: .*(shutting-down|held by|detaching|release)")
+    claimed = log_times(log, r"claimed eni-")
+    zk = log_times(log, r"starting zookeeper")
+    healthy = log_times(log, r"no action: zookeeper (leader|follower), broker \d+ registered")
+    assert claimed and zk and healthy, log[-3000:]
+    pid = in_instance(instance, "pgrep -f 'kafka-asg-agent.pyz run' | head -1").strip()
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = in_instance(instance, f"cat /proc/{pid}/stat").rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    claim_wait = (claimed[0] - waits[0]) if waits and waits[0] < claimed[0] else 0.0
+    return {
+        "user_data_to_healthy_s": round(healthy[0] - user_data, 2),
+        "claim_wait_s": round(claim_wait, 2),
+        "claimed_to_zookeeper_started_s": round(zk[0] - claimed[0], 2),
+        "agent_cpu_s": round(cpu, 2),
+    }
+
+
+DIRECT = r"""
+set -e
+IP={ip}; ID={slot}
+ZK=$(ls -d /opt/kafka-asg/apache-zookeeper-*/ | head -1); K=$(ls -d /opt/kafka-asg/kafka_2.13-*/ | head -1)
+mkdir -p /var/log/kafka-asg/bench
+t0=$(date +%s.%N)
+JVMFLAGS=-Xmx256m ZOO_LOG_DIR=/var/log/kafka-asg/bench setsid "$ZK/bin/zkServer.sh" start-foreground \
+  /etc/kafka-asg/zoo.cfg >/var/log/kafka-asg/bench/zk.out 2>&1 </dev/null &
+until printf srvr | nc -w 1 $IP 2181 2>/dev/null | grep -qE 'Mode: (leader|follower)'; do sleep 0.1; done
+t1=$(date +%s.%N)
+KAFKA_HEAP_OPTS='-Xmx512m -Xms512m' LOG_DIR=/var/log/kafka-asg/bench setsid "$K/bin/kafka-server-start.sh" \
+  /etc/kafka-asg/server.properties >/var/log/kafka-asg/bench/kafka.out 2>&1 </dev/null &
+until kcat -b $IP:9095 -L -m 2 2>/dev/null | grep -q "broker $ID at $IP:9095"; do sleep 0.1; done
+t2=$(date +%s.%N)
+echo $t0 $t1 $t2
+"""
+
+
+def direct_jvm_seconds(instance: str, ip: str, slot: int) -> dict[str, float]:
+    """Stop the agent and its servers, then start the same JVMs by hand on the rendered config."""
+    in_instance(
+        instance,
+        "pkill -KILL -f 'while :; do' || true; pkill -KILL -f kafka-asg-agent.pyz || true;"
+        " pkill -TERM -f kafka.Kafka || true; while pgrep -f kafka.Kafka >/dev/null; do sleep 0.2; done;"
+        " pkill -TERM -f QuorumPeerMain || true; while pgrep -f QuorumPeerMain >/dev/null; do sleep 0.2; done",
+    )
+    t0, t1, t2 = (float(x) for x in in_instance(instance, DIRECT.format(ip=ip, slot=slot)).split())
+    return {"zookeeper_in_quorum_s": round(t1 - t0, 2), "member_healthy_s": round(t2 - t0, 2)}
+
+
+def main() -> int:
+    cli("down", "--local", timeout=600)  # a cold start: no region, no volumes
+    start = time.monotonic()
+    cli("up", "--local")
+    up_total = time.monotonic() - start
+    phases = json.loads((RegionPaths.default().root / "up-timings.json").read_text())
+    info = region_info()
+    assert info is not None
+    rss = rehearsal_rss_mib(info.bastion, info.pid)
+
+    old = holder(2)
+    killed = time.monotonic()
+    cli("local", "kill", "2")
+    while holder(2) in ("-", old):
+        time.sleep(1)
+    while not serving():
+        time.sleep(1)
+    replacement_s = time.monotonic() - killed
+    new = holder(2)
+    timeline = agent_timeline(new)
+    direct = direct_jvm_seconds(new, "10.0.0.21", 2)
+    agent_boot = timeline["user_data_to_healthy_s"] - timeline["claim_wait_s"]
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} cores",
+        "up_local_cold_total_s": round(up_total, 1),
+        "up_local_phases_s": phases,
+        "rehearsal_rss_mib": rss,
+        "replacement_kill_to_serving_s": round(replacement_s, 1),
+        "replacement_agent": timeline,
+        "replacement_direct_jvms": direct,
+        "boot_overhead_ratio": round(agent_boot / direct["member_healthy_s"], 2),
+    }
+    cli("down", "--local", timeout=600)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    print()
+    print("| measure | result | target |")
+    print("|---|---:|---:|")
+    print(f"| `up --local`, cold, total | {results['up_local_cold_total_s']} s | |")
+    for name, seconds in phases.items():
+        print(f"| &nbsp;&nbsp;phase: {name} | {seconds} s | |")
+    print(f"| total RSS of the 3-node rehearsal | {rss['total']} MiB | ≤ 4096 MiB |")
+    print(f"| replacement: `local kill 2` → all slots serving | {results['replacement_kill_to_serving_s']} s | |")
+    print(f"| &nbsp;&nbsp;of which waiting for the old holder's ENI | {timeline['claim_wait_s']} s | |")
+    print(f"| boot overhead (agent boot ÷ same JVMs by hand) | {results['boot_overhead_ratio']} | ≤ 1.15 |")
+    print(f"| agent CPU time on the replacement node | {timeline['agent_cpu_s']} s | ≤ 1 s |")
+    print(f"| agent: slot claimed → ZooKeeper started | {timeline['claimed_to_zookeeper_started_s']} s | |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
