@@ -202,9 +202,7 @@ def _autoscaling(cfg: ClusterConfig) -> Any:
 
 def test_replacement_takes_over_slot_2_and_keeps_every_message(cluster: ClusterConfig) -> None:
     topic = "before-kill"
-    produce = bastion(
-        f"seq 1 500 | sed 's/^/m-/' | kcat -P -b {BOOTSTRAP} -t {topic} -X acks=all", 120
-    )
+    produce = bastion(f"seq 1 500 | sed 's/^/m-/' | kcat -P -b {BOOTSTRAP} -t {topic} -X acks=all", 120)
     assert produce.returncode == 0, produce.stderr
     old = holder(2)
     kafka_asg("local", "kill", "2")
