@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -108,9 +109,9 @@ def agent_timeline(instance: str) -> dict[str, float]:
     zk = log_times(log, r"starting zookeeper")
     healthy = log_times(log, r"no action: zookeeper (leader|follower), broker \d+ registered")
     assert claimed and zk and healthy, log[-3000:]
-    pid = in_instance(instance, "pgrep -f 'kafka-asg-agent.pyz run' | head -1").strip()
+    pid = min(p for p, cmd in instance_processes(instance).items() if "kafka-asg-agent.pyz run" in cmd)
     ticks = os.sysconf("SC_CLK_TCK")
-    fields = in_instance(instance, f"cat /proc/{pid}/stat").rsplit(")", 1)[1].split()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / ticks
     claim_wait = (claimed[0] - waits[0]) if waits and waits[0] < claimed[0] else 0.0
     return {
@@ -139,14 +140,34 @@ echo $t0 $t1 $t2
 """
 
 
+def instance_processes(instance: str) -> dict[int, str]:
+    """pid -> command line of every process in the instance (by its network namespace: the instances share
+    this machine's PID namespace, so a `pkill` inside one would reach the others)."""
+    pids = subprocess.run(["ip", "netns", "pids", instance], capture_output=True, text=True, check=True).stdout
+    out: dict[int, str] = {}
+    for pid in pids.split():
+        try:
+            out[int(pid)] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+    return out
+
+
+def stop_by_pid(instance: str, marker: str, sig: int, timeout: float = 120) -> None:
+    targets = [pid for pid, cmd in instance_processes(instance).items() if marker in cmd]
+    for pid in targets:
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{pid}").exists() for pid in targets) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def direct_jvm_seconds(instance: str, ip: str, slot: int) -> dict[str, float]:
-    """Stop the agent and its servers, then start the same JVMs by hand on the rendered config."""
-    in_instance(
-        instance,
-        "pkill -KILL -f 'while :; do' || true; pkill -KILL -f kafka-asg-agent.pyz || true;"
-        " pkill -TERM -f kafka.Kafka || true; while pgrep -f kafka.Kafka >/dev/null; do sleep 0.2; done;"
-        " pkill -TERM -f QuorumPeerMain || true; while pgrep -f QuorumPeerMain >/dev/null; do sleep 0.2; done",
-    )
+    """Stop the agent and its servers (Kafka first, with its controlled shutdown), then start the same JVMs
+    by hand on the rendered config."""
+    stop_by_pid(instance, "kafka-asg-agent.pyz", signal.SIGKILL)  # the restart loop and the agent
+    stop_by_pid(instance, "kafka.Kafka", signal.SIGTERM)
+    stop_by_pid(instance, "QuorumPeerMain", signal.SIGTERM)
     t0, t1, t2 = (float(x) for x in in_instance(instance, DIRECT.format(ip=ip, slot=slot)).split())
     return {"zookeeper_in_quorum_s": round(t1 - t0, 2), "member_healthy_s": round(t2 - t0, 2)}
 

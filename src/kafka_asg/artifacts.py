@@ -35,7 +35,7 @@ from string import Template
 import kafka_asg
 from kafka_asg.config import ClusterConfig, ServerSpec
 from kafka_asg.errors import ConfigError, HostError, NotFoundError, Unavailable
-from kafka_asg.fsutil import atomic_write
+from kafka_asg.fsutil import atomic_write, sha256_file
 from kafka_asg.paths import CachePaths
 from kafka_asg.retry import Retry
 
@@ -273,14 +273,6 @@ def prune_botocore_data(data_dir: Path, keep: Sequence[str]) -> int:
 
 
 # ============================================================================ the cache
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _sidecar(path: Path, suffix: str) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tarfile
 import tempfile
@@ -63,3 +64,12 @@ def safe_extract(archive: Path, dest: Path) -> None:
                 if member.linkname.startswith("/") or not link.is_relative_to(root):
                     raise ValueError(f"{archive}: link {member.name!r} points outside {dest}")
         tar.extractall(dest)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (archives are tens of MB)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

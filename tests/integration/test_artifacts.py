@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from kafka_asg.artifacts import AGENT_KEY, ArtifactSet, ensure_artifacts, sha256_file
+from kafka_asg.artifacts import AGENT_KEY, ArtifactSet, ensure_artifacts
 from kafka_asg.config import seed_config
+from kafka_asg.fsutil import sha256_file
 from kafka_asg.paths import CachePaths
 from kafka_asg.retry import wait_until
 

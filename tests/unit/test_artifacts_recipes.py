@@ -25,11 +25,11 @@ from kafka_asg.artifacts import (
     prune_botocore_data,
     recipe_digest,
     render_pom,
-    sha256_file,
     zookeeper_recipe,
 )
 from kafka_asg.config import seed_config
 from kafka_asg.errors import ConfigError, HostError, NotFoundError, Unavailable
+from kafka_asg.fsutil import sha256_file
 from kafka_asg.paths import CachePaths
 
 NS = {"m": "http://maven.apache.org/POM/4.0.0"}

@@ -12,8 +12,6 @@ idempotent: the unpack is once per version, the writes are atomic); everything e
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
 import signal
@@ -61,7 +59,7 @@ from kafka_asg.errors import (
     ServiceError,
     Unavailable,
 )
-from kafka_asg.fsutil import atomic_write, read_properties
+from kafka_asg.fsutil import atomic_write, read_properties, sha256_file
 from kafka_asg.paths import AgentPaths
 
 logger = logging.getLogger(__name__)
@@ -335,25 +333,8 @@ class Agent:
         # lost+found first: the marker ends this step, so a failure here is retried next cycle.
         if action.role == "kafka-log":
             lost_found = action.mountpoint / "lost+found"
-            try:
-                self.host.remove_empty_dir(lost_found)
-            except NotImplementedError:
-                # A Host without the method: same mapping of instance paths as LinuxHost (under paths.root).
-                self._rmdir_fallback(self.paths.under_root(str(lost_found)))
+            self.host.remove_empty_dir(lost_found)
         self.host.write_file(action.mountpoint / MARKER_NAME, action.marker.to_json())
-
-    @staticmethod
-    def _rmdir_fallback(real: Path) -> None:
-        """``Host.remove_empty_dir``'s contract (absent or not empty: no-op), for a Host without it."""
-        try:
-            real.rmdir()
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                logger.warning("kept %s (%s): Kafka will refuse this log dir until it is removed", real, exc.strerror)
-                return
-            raise HostError(f"cannot remove {real}: {exc}") from exc
 
     def _install(self) -> None:
         """Download the archives unless already here, check sha256 against manifest.json, unpack."""
@@ -371,7 +352,7 @@ class Agent:
             if entry is None:
                 raise CloudError(f"{where} is not in manifest.json: re-run `kafka-asg up` to upload it")
             dest = self.paths.downloads_dir / PurePosixPath(key).name
-            if not (dest.exists() and _sha256(dest) == entry["sha256"]):
+            if not (dest.exists() and sha256_file(dest) == entry["sha256"]):
                 tmp = dest.with_name(dest.name + ".part")
                 self.cloud.download(self.cfg.bucket, key, tmp)
                 try:
@@ -542,16 +523,8 @@ def _manifest(raw: bytes, bucket: str) -> dict[str, dict[str, object]]:
         ) from exc
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _verify(path: Path, entry: Mapping[str, object], where: str) -> None:
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != entry.get("sha256"):
         raise CloudError(
             f"{where}: sha256 {actual} does not match manifest.json ({entry.get('sha256')}); "

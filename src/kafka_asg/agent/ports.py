@@ -173,12 +173,11 @@ class Host(ABC):
     def write_file(self, path: Path, data: str | bytes, mode: int = 0o644) -> None:
         """Atomic write."""
 
+    @abstractmethod
     def remove_empty_dir(self, path: Path) -> None:
         """Remove ``path`` if it is an *empty* directory; no-op when absent or not empty. The agent clears the
         empty ``lost+found`` that mkfs.ext4 leaves in a fresh Kafka log dir: Kafka refuses to start when its
-        log dir holds a directory that is not a topic-partition. Not abstract (added after the interface
-        froze): implementations that do not override it raise NotImplementedError."""
-        raise NotImplementedError(f"{type(self).__name__} cannot remove directories")
+        log dir holds a directory that is not a topic-partition."""
 
 
 # -------------------------------------------------------------------------------------- Services

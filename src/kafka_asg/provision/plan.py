@@ -22,6 +22,7 @@ from kafka_asg.config import (
     ClusterConfig,
     config_to_document,
 )
+from kafka_asg.fsutil import sha256_file
 from kafka_asg.provision.inputs import ProvisionInputs
 
 Action = Literal["create", "update", "replace", "delete"]
@@ -148,16 +149,6 @@ class Desired:
     launch_template_digest: str
 
 
-def file_sha256(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
 def _body(key: str, body: bytes) -> DesiredObject:
     return DesiredObject(key=key, sha256=hashlib.sha256(body).hexdigest(), size=len(body), body=body)
 
@@ -257,7 +248,7 @@ def bucket_objects(cfg: ClusterConfig, inputs: ProvisionInputs) -> tuple[Desired
     objects: list[DesiredObject] = []
     files = {"zookeeper.config": cfg.zookeeper_config, "kafka.config": cfg.kafka_config, **inputs.objects}
     for key, path in sorted(files.items()):
-        sha, size = file_sha256(path)
+        sha, size = sha256_file(path), path.stat().st_size
         objects.append(DesiredObject(key=key, sha256=sha, size=size, path=path))
     doc = json.dumps(config_to_document(cfg), indent=2, sort_keys=True).encode()
     objects.append(_body(CLUSTER_DOC_KEY, doc))

@@ -17,7 +17,7 @@ import pytest
 
 from kafka_asg.agent.fakes import FakeClock, FakeCloud, FakeHost, FakeImds, FakeServices, FakeWorld
 from kafka_asg.agent.loop import Agent, AgentSettings
-from kafka_asg.agent.ports import Host, InstanceIdentity
+from kafka_asg.agent.ports import InstanceIdentity
 from kafka_asg.agent.snapshot import MARKER_NAME
 from kafka_asg.agent.status import health, read_status
 from kafka_asg.config import VOLUME_ROLES, ClusterConfig, seed_config
@@ -471,34 +471,6 @@ class SystemClockForTest(FakeClock):
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
-
-
-class HostWithoutRmdir(FakeHost):
-    """A Host written before ``remove_empty_dir`` existed (the base class raises NotImplementedError)."""
-
-    def remove_empty_dir(self, path: Path) -> None:
-        Host.remove_empty_dir(self, path)
-
-
-@pytest.mark.parametrize("content", [None, "", "a file fsck left"])
-def test_lost_found_fallback_under_the_agent_root(
-    world: FakeWorld, clock: FakeClock, tmp_path: Path, content: str | None
-) -> None:
-    """content None: no lost+found at all; "": an empty one; text: one that is not empty."""
-    node = boot(world, tmp_path, "i-first", clock)
-    host = HostWithoutRmdir(world, "i-first")
-    node.agent.host = host
-    lost_found = node.paths.under_root(KAFKA_LOG + "/lost+found")
-    lost_found.parent.mkdir(parents=True)
-    if content is not None:
-        lost_found.mkdir()
-    if content:
-        (lost_found / "#12").write_text(content)
-    sentences = [node.agent.run_cycle() for _ in range(14)]
-    assert "marking vol-2kafkalog as event-servers slot 2 kafka-log" in sentences
-    assert volume_file(world, 2, "kafka-log", MARKER_NAME) is not None
-    # Only an empty directory goes; one with content is kept (and logged): data is never deleted.
-    assert lost_found.exists() == bool(content)
 
 
 def test_per_instance_mode_boots_on_the_launch_template_volumes(clock: FakeClock, tmp_path: Path) -> None:
