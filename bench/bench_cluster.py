@@ -104,7 +104,7 @@ def agent_timeline(instance: str) -> dict[str, float]:
     # Whole seconds (the user data's `date -u`): the boot time below is good to about a second.
     user_data = datetime.strptime(started.group(1), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
     log = in_instance(instance, "cat /var/log/kafka-asg/agent.log")
-    waits = log_times(log, r"waiting: .*(shutting-down|held by|detaching|release)")
+    waits = log_times(log, r"waiting for eni-.* holder .* is (shutting-down|terminated|stopping)")
     claimed = log_times(log, r"claimed eni-")
     zk = log_times(log, r"starting zookeeper")
     healthy = log_times(log, r"no action: zookeeper (leader|follower), broker \d+ registered")

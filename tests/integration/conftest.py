@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 
-def machine_state() -> dict[str, set[str]]:
+def read_machine_state() -> dict[str, set[str]]:
     """What a rehearsal may create and must remove: namespaces, links, loop devices, mounts, routes."""
 
     def lines(*argv: str) -> set[str]:
@@ -27,17 +27,13 @@ def machine_state() -> dict[str, set[str]]:
     }
 
 
+@pytest.fixture(scope="session")
+def machine_state() -> Callable[[], dict[str, set[str]]]:
+    """The reader of :func:`read_machine_state`, for module-scoped fixtures that compare before and after."""
+    return read_machine_state
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _needs_root() -> None:
     if os.geteuid() != 0:
         pytest.fail("the rehearsal's integration tests need root (namespaces, loop devices, mounts)")
-
-
-@pytest.fixture
-def clean_machine() -> Iterator[None]:
-    """Fail the test if it leaves anything of the rehearsal behind."""
-    before = machine_state()
-    yield
-    after = machine_state()
-    leftovers = {k: sorted(after[k] - before[k]) for k in after if after[k] - before[k]}
-    assert not leftovers, f"left behind on the machine: {leftovers}"

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +66,12 @@ def holder(slot: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterConfig]:
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, machine_state: Callable[[], dict[str, set[str]]]
+) -> Iterator[ClusterConfig]:
     workdir = tmp_path_factory.mktemp("e2e")
     os.chdir(workdir)  # no cluster.toml here: `up --local` takes the seed example
+    before = machine_state()
     try:
         up = kafka_asg("up", "--local", timeout=1200)
         print(up.stdout)
@@ -76,6 +79,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterConfig]
     finally:
         down = kafka_asg("down", "--local", timeout=600, check=False)
         print(down.stdout, down.stderr)
+    # `down --local` leaves the machine as it was: no namespace, link, loop device, mount or route of ours.
+    after = machine_state()
+    leftovers = {k: sorted(after[k] - before[k]) for k in after if after[k] - before[k]}
+    assert not leftovers, f"left behind by the rehearsal: {leftovers}"
+    assert down.returncode == 0, down.stderr
 
 
 def test_up_local_brings_the_seed_cluster_to_verified(cluster: ClusterConfig) -> None:

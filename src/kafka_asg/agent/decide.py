@@ -159,10 +159,13 @@ class Decision:
     action: Action
     sentence: str
     state: NodeState
+    # A wait for something on this node that takes moments (a device showing up, the own server starting):
+    # the loop re-checks it sooner than a wait on EC2 or another instance.
+    soon: bool = False
 
 
-def _wait(sentence: str, state: NodeState = "booting") -> Decision:
-    return Decision(NoAction(), sentence, state)
+def _wait(sentence: str, state: NodeState = "booting", *, soon: bool = False) -> Decision:
+    return Decision(NoAction(), sentence, state, soon)
 
 
 # ------------------------------------------------------------------------------- cascade
@@ -330,7 +333,7 @@ def _role(vol: VolumeView) -> VolumeRole:
 def _configure_nic(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision | None:
     nic = view.nic
     if nic is None:
-        return _wait(f"waiting: the NIC of {eni.eni_id} (MAC {eni.mac}) is not visible to the OS yet")
+        return _wait(f"waiting: the NIC of {eni.eni_id} (MAC {eni.mac}) is not visible to the OS yet", soon=True)
     if nic.up and eni.ip in nic.addresses and nic.has_policy_route:
         return None
     table = ROUTE_TABLE_BASE + ENI_DEVICE_INDEX
@@ -348,7 +351,9 @@ def _prepare_disks(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision
         assert vol is not None  # _claim_volumes returned early otherwise
         disk = view.disks.get(vol.volume_id)
         if disk is None:
-            return _wait(f"waiting: volume {vol.volume_id} ({role}) is not visible under /dev/disk/by-id yet")
+            return _wait(
+                f"waiting: volume {vol.volume_id} ({role}) is not visible under /dev/disk/by-id yet", soon=True
+            )
         if disk.filesystem is None:
             # mkfs only on a device with no filesystem at all: a replacement keeps the slot's data.
             return Decision(
@@ -427,12 +432,14 @@ def _supervise(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision:
     if zk is not None:
         return zk
     if view.zk_mode not in SERVING_ZK_MODES:
-        return _wait(f"waiting: zookeeper quorum not formed (mode: {view.zk_mode})")
+        return _wait(f"waiting: zookeeper quorum not formed (mode: {view.zk_mode})", soon=True)
     kafka = _start_or_restart(view, "kafka", f"broker {eni.slot}, {eni.ip}:{cfg.ports.kafka}")
     if kafka is not None:
         return kafka
     if not view.broker_registered:
-        return _wait(f"waiting: broker {eni.slot} not registered in zookeeper yet (zookeeper {view.zk_mode})")
+        return _wait(
+            f"waiting: broker {eni.slot} not registered in zookeeper yet (zookeeper {view.zk_mode})", soon=True
+        )
     marker = view.markers.get("kafka-log")
     cluster_id = (view.kafka_meta or {}).get("cluster.id")
     if marker is not None and cluster_id and marker.kafka_cluster_id is None:

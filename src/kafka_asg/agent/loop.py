@@ -94,6 +94,7 @@ class AgentSettings:
     """Timings of the loop. ``booting_interval`` is short so a boot is not slowed by the loop itself."""
 
     booting_interval: float = 1.0
+    soon_interval: float = 0.2  # a boot wait on this node's own devices or servers (Decision.soon)
     serving_interval: float = 5.0  # also standby and refused
     heartbeat_seconds: float = 60.0  # report() at least this often, even when nothing changed
     report_min_interval: float = 10.0  # a changed sentence alone is reported at most this often
@@ -161,6 +162,7 @@ class Agent:
         self.state: NodeState = "booting"
         self.halted = False
         self.progressed = False  # the last cycle executed a step (boot progress) rather than waiting
+        self.soon = False  # the last cycle waits for something on this node that takes moments
         self.cycle = 0
         self.last_view: NodeView | None = None
         self._started_at = self.clock.time()
@@ -175,6 +177,7 @@ class Agent:
         """Observe, decide, execute; return the sentence that explains this cycle."""
         self.cycle += 1
         self.progressed = False
+        self.soon = False
         view: NodeView | None = None
         try:
             identity = self._identity()
@@ -196,6 +199,7 @@ class Agent:
             sentence, state = outcome or decision.sentence, decision.state
             # A step done (not a wait, not a lost race): the next cycle may run at once.
             self.progressed = not isinstance(decision.action, (NoAction, Refuse, Halt)) and outcome is None
+            self.soon = decision.soon
         except Unavailable as exc:
             sentence, state = f"waiting: {exc}; retrying next cycle", self._unchanged_state()
         except IdentityMismatch as exc:
@@ -485,7 +489,10 @@ class Agent:
             chained = 0
             # Booting polls fast; serving, standby and refused re-check at the slower pace (a surplus instance
             # may stand by for days: keep its API calls low).
-            interval = self.settings.booting_interval if self.state == "booting" else self.settings.serving_interval
+            if self.state != "booting":
+                interval = self.settings.serving_interval
+            else:
+                interval = self.settings.soon_interval if self.soon else self.settings.booting_interval
             self._stop.wait(interval)
         self.shutdown()
         return 0

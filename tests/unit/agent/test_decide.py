@@ -187,6 +187,7 @@ def test_holder_dying_means_wait(state: InstanceState) -> None:
     assert d.sentence == (
         f"waiting for eni-0slot2 (slot 2, 10.0.0.21): holder i-0other is {state} (waited 12s of 300s)"
     )
+    assert not d.soon  # another instance's shutdown: the normal boot pace keeps EC2 calls low
 
 
 def test_holder_gone_from_ec2_means_wait() -> None:
@@ -446,6 +447,7 @@ def test_kafka_waits_for_the_zookeeper_quorum(mode: str) -> None:
     d = decide(view_zk_serving(mode), CFG)
     assert d.action == NoAction()
     assert d.sentence == f"waiting: zookeeper quorum not formed (mode: {mode})"
+    assert d.soon  # this node's own server: re-checked sooner than a wait on EC2
 
 
 @pytest.mark.parametrize("mode", ["leader", "follower"])
