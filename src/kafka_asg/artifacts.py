@@ -26,8 +26,9 @@ import tarfile
 import tempfile
 import time
 import tomllib
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -65,6 +66,16 @@ ZOOKEEPER_OWN_JARS = ("zookeeper", "zookeeper-jute")
 
 # Kafka 3.x logs through slf4j 1.7 + reload4j, as Apache's 3.9 tarball ships it (log4j 1 is gone since 3.2.0).
 KAFKA3_LOG_BACKEND = (("org.slf4j", "slf4j-reload4j", "1.7.36"), ("ch.qos.reload4j", "reload4j", "1.2.25"))
+
+# Kafka 4.x (KRaft only) logs through Log4j2. Its POMs pin slf4j-api 1.7.36, so the SLF4J binding must be
+# log4j-slf4j-impl (StaticLoggerBinder, SLF4J 1.x); log4j-slf4j2-impl only registers an SLF4J 2 service provider,
+# which slf4j-api 1.7 never looks for (it would fall back to the no-op logger: empty log files). The version
+# is the log4j-core/log4j-api that kafka-server 4.4.0 declares, so no jar comes in two versions.
+KRAFT_KAFKA_VERSION = "4.4.0"
+KAFKA4_LOG4J2_VERSION = "2.25.5"
+KAFKA4_LOG_BACKEND = tuple(
+    ("org.apache.logging.log4j", a, KAFKA4_LOG4J2_VERSION) for a in ("log4j-slf4j-impl", "log4j-core", "log4j-api")
+)
 
 # Different artifacts that share a file stem (com.yammer.metrics vs io.dropwizard.metrics); Apache's tarball
 # ships both too. Any other stem seen with two versions is a duplicate.
@@ -185,6 +196,30 @@ def kafka_recipe(version: str) -> MavenRecipe:
     )
 
 
+def kraft_kafka_recipe(version: str = KRAFT_KAFKA_VERSION) -> MavenRecipe:
+    """Kafka 4.x for KRaft mode: the same official layout as 3.x, Log4j2 configs and KRaft tools (kafka-storage)."""
+    if not version.startswith("4."):
+        raise ConfigError([f"KRaft Kafka version {version!r}: only Kafka 4.x archives are built here; use 4.4.0"])
+    name = f"kafka_{SCALA_VERSION}-{version}"
+    return MavenRecipe(
+        archive_name=f"{name}.tgz",
+        top_dir=name,
+        lib_dir="libs",
+        data="kafka4",
+        parent=None,
+        dependencies=(
+            Coordinate("org.apache.kafka", f"kafka_{SCALA_VERSION}", version),
+            Coordinate("org.apache.kafka", "kafka-tools", version),
+            *(Coordinate(g, a, v) for g, a, v in KAFKA4_LOG_BACKEND),
+        ),
+    )
+
+
+def kraft_archive_key(version: str = KRAFT_KAFKA_VERSION) -> str:
+    """The bucket key of the 4.x archive, named like the 3.x one (``archives/<file name>``)."""
+    return f"archives/{kraft_kafka_recipe(version).archive_name}"
+
+
 def render_pom(recipe: MavenRecipe) -> str:
     parent = recipe.parent.xml("parent", "  ").replace("</parent>", "<relativePath/></parent>") if recipe.parent else ""
     return Template((DATA_DIR / "pom.xml.in").read_text()).substitute(
@@ -229,6 +264,25 @@ def duplicate_jars(names: Iterable[str]) -> list[str]:
         stem = match.group("stem") if match else name
         versions.setdefault(stem, []).append(name)
     return sorted(n for stem, ns in versions.items() if len(ns) > 1 and stem not in DISTINCT_SAME_STEM for n in ns)
+
+
+_RUN_CLASS = re.compile(r'kafka-run-class\.sh"?\s+(?P<cls>[A-Za-z_][\w.$]*)')
+
+
+def script_main_classes(bin_dir: Path) -> dict[str, str]:
+    """Script name -> the main class it hands to ``kafka-run-class.sh`` (scripts that run one)."""
+    found: dict[str, str] = {}
+    for script in sorted(bin_dir.glob("*.sh")):
+        match = _RUN_CLASS.search(script.read_text())
+        if match:
+            found[script.name] = match.group("cls")
+    return found
+
+
+def missing_main_classes(classes: Mapping[str, str], jar_entries: Iterable[str]) -> list[str]:
+    """``script: class`` for every script whose main class is in none of the jars (given their entry names)."""
+    entries = set(jar_entries)
+    return [f"{s}: {c}" for s, c in sorted(classes.items()) if c.replace(".", "/") + ".class" not in entries]
 
 
 def maven_failure(output: str) -> Unavailable | HostError:
@@ -387,6 +441,13 @@ def build_server_archive(recipe: MavenRecipe, cache: CachePaths, progress: Progr
     if duplicates:
         raise HostError(f"{recipe.top_dir}: the classpath has two versions of a jar: {', '.join(duplicates)}")
     shutil.copytree(DATA_DIR / recipe.data, stage, dirs_exist_ok=True)
+    entries: list[str] = []
+    for jar in libs.glob("*.jar"):
+        with zipfile.ZipFile(jar) as zf:
+            entries.extend(zf.namelist())
+    missing = missing_main_classes(script_main_classes(stage / "bin"), entries)
+    if missing:
+        raise HostError(f"{recipe.top_dir}: bin scripts name main classes no jar has: {'; '.join(missing)}")
     dest = cache.artifacts_dir / recipe.archive_name
     pack_tree(stage, recipe.top_dir, dest)
     shutil.rmtree(work / "stage", ignore_errors=True)
@@ -401,20 +462,32 @@ def _server_artifact(
 ) -> Artifact:
     if spec.source is not None:
         return _source_artifact(spec)
+    return _maven_artifact(spec.archive_key, recipe, cache, build, progress)
+
+
+def _maven_artifact(
+    key: str,
+    recipe: MavenRecipe,
+    cache: CachePaths,
+    build: bool = False,
+    progress: Progress = _log_progress,
+    *,
+    command: str = "kafka-asg artifacts build",
+) -> Artifact:
     path = cache.artifacts_dir / recipe.archive_name
     digest = recipe_digest(recipe)
-    found = cached_artifact(spec.archive_key, path, digest, accept_stale=not build)
+    found = cached_artifact(key, path, digest, accept_stale=not build)
     if found is not None:
         return found
     if not build:
-        raise NotFoundError(f"{recipe.archive_name} is not in {cache.artifacts_dir}: run `kafka-asg artifacts build`")
+        raise NotFoundError(f"{recipe.archive_name} is not in {cache.artifacts_dir}: run `{command}`")
     with build_lock(cache):
         # Another process may have built it while we waited for the lock.
-        found = cached_artifact(spec.archive_key, path, digest)
+        found = cached_artifact(key, path, digest)
         if found is not None:
             return found
         build_server_archive(recipe, cache, progress)
-        return _record(spec.archive_key, path, digest)
+        return _record(key, path, digest)
 
 
 def _source_artifact(spec: ServerSpec) -> Artifact:
@@ -535,8 +608,27 @@ def ensure_artifacts(
     )
 
 
+def ensure_kraft_kafka(
+    cache: CachePaths | None = None,
+    *,
+    version: str = KRAFT_KAFKA_VERSION,
+    build: bool = True,
+    progress: Progress = _log_progress,
+) -> Artifact:
+    """The Kafka 4.x (KRaft) archive, key ``archives/kafka_2.13-<version>.tgz``: cached when intact and current,
+    else built. Not part of :func:`ensure_artifacts` (ZooKeeper mode) until the config accepts mode "kraft".
+
+    ``build=False`` never runs Maven: cached archive or :class:`NotFoundError` naming the command that builds it.
+    """
+    recipe = kraft_kafka_recipe(version)
+    cache = cache or CachePaths.default()
+    command = "kafka-asg artifacts build --kraft"
+    return _maven_artifact(kraft_archive_key(version), recipe, cache, build, progress, command=command)
+
+
 def cmd_artifacts(args: argparse.Namespace) -> int:
-    """``kafka-asg artifacts build|list``: build (or reuse) the archives and the agent, or show what is cached."""
+    """``kafka-asg artifacts build|list [--kraft]``: build (or reuse) the archives and the agent (with ``--kraft``
+    also the Kafka 4.x archive), or show what is cached (the 4.x archive only when it is)."""
     from kafka_asg.config import load_config, seed_config
 
     cfg = seed_config() if args.config is None else load_config(Path(args.config))
@@ -544,6 +636,8 @@ def cmd_artifacts(args: argparse.Namespace) -> int:
     if args.action == "build":
         artifacts = ensure_artifacts(cfg, cache, build=True, progress=lambda m: print(m, flush=True))
         rows: list[Artifact] = [artifacts.zookeeper, artifacts.kafka, artifacts.agent]
+        if getattr(args, "kraft", False):
+            rows.append(ensure_kraft_kafka(cache, build=True, progress=lambda m: print(m, flush=True)))
     else:
         rows = []
         lookups: list[tuple[str, Callable[[], Artifact]]] = [
@@ -556,6 +650,9 @@ def cmd_artifacts(args: argparse.Namespace) -> int:
                 rows.append(lookup())
             except NotFoundError as exc:
                 print(f"{name:<10} missing: {exc}")
+        # Optional until mode "kraft" is supported: listed only when built.
+        with suppress(NotFoundError):
+            rows.append(ensure_kraft_kafka(cache, build=False))
     for a in rows:
         print(f"{a.key:<48} {a.size / 1e6:7.1f} MB  sha256:{a.sha256[:16]}  {a.path}")
     return 0

@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "artifacts", "kafka_asg.artifacts:cmd_artifacts", "build server archives from Maven Central")
     p.add_argument("action", choices=["build", "list"])
+    p.add_argument("--kraft", action="store_true", help="also build the Kafka 4.x archive (KRaft mode)")
     _config_options(p, local=False)
 
     p = _add(sub, "local", "kafka_asg.local.commands:cmd_local", "the local region (rehearsal of AWS)")

@@ -19,17 +19,22 @@ from kafka_asg.artifacts import (
     cmd_artifacts,
     duplicate_jars,
     ensure_artifacts,
+    ensure_kraft_kafka,
     kafka_recipe,
+    kraft_archive_key,
+    kraft_kafka_recipe,
     maven_failure,
+    missing_main_classes,
     pack_tree,
     prune_botocore_data,
     recipe_digest,
     render_pom,
+    script_main_classes,
     zookeeper_recipe,
 )
 from kafka_asg.config import seed_config
 from kafka_asg.errors import ConfigError, HostError, NotFoundError, Unavailable
-from kafka_asg.fsutil import sha256_file
+from kafka_asg.fsutil import read_properties, sha256_file
 from kafka_asg.paths import CachePaths
 
 NS = {"m": "http://maven.apache.org/POM/4.0.0"}
@@ -265,3 +270,116 @@ def test_list_on_empty_cache_names_each_missing_artifact(
     out = capsys.readouterr().out
     assert [line.split()[0] for line in out.splitlines()] == ["zookeeper", "kafka", "agent"]
     assert out.count("run `kafka-asg artifacts build`") == 3
+
+
+# ---------------------------------------------------------------------------- Kafka 4.x (KRaft)
+
+
+def test_kraft_pom_lists_broker_tools_and_the_slf4j1_log4j2_binding() -> None:
+    pom = render_pom(kraft_kafka_recipe("4.4.0"))
+    # Kafka 4.4 pins slf4j-api 1.7.36: the binding must be log4j-slf4j-impl, not log4j-slf4j2-impl.
+    assert _deps(pom) == [
+        ("org.apache.kafka", "kafka_2.13", "4.4.0"),
+        ("org.apache.kafka", "kafka-tools", "4.4.0"),
+        ("org.apache.logging.log4j", "log4j-slf4j-impl", "2.25.5"),
+        ("org.apache.logging.log4j", "log4j-core", "2.25.5"),
+        ("org.apache.logging.log4j", "log4j-api", "2.25.5"),
+    ]
+    assert ET.fromstring(pom).find("m:parent", NS) is None
+
+
+def test_kraft_recipe_names_the_official_layout_and_key() -> None:
+    recipe = kraft_kafka_recipe()
+    assert (recipe.archive_name, recipe.top_dir, recipe.lib_dir) == ("kafka_2.13-4.4.0.tgz", "kafka_2.13-4.4.0", "libs")
+    assert recipe.maven_goals == ("dependency:copy-dependencies",)
+    assert kraft_archive_key() == "archives/kafka_2.13-4.4.0.tgz"
+
+
+def test_kraft_recipe_refuses_3x_with_the_fix() -> None:
+    with pytest.raises(ConfigError, match=r"4\.4\.0"):
+        kraft_kafka_recipe("3.9.2")
+
+
+def test_kraft_and_zookeeper_mode_recipes_differ() -> None:
+    assert recipe_digest(kraft_kafka_recipe("4.4.0")) != recipe_digest(kraft_kafka_recipe("4.3.0"))
+    assert kraft_kafka_recipe().data != kafka_recipe("3.9.2").data
+
+
+KRAFT_DATA = artifacts.DATA_DIR / kraft_kafka_recipe().data
+
+
+def test_kraft_scripts_name_the_4x_main_classes() -> None:
+    assert script_main_classes(KRAFT_DATA / "bin") == {
+        "kafka-console-consumer.sh": "org.apache.kafka.tools.consumer.ConsoleConsumer",
+        "kafka-console-producer.sh": "org.apache.kafka.tools.ConsoleProducer",
+        "kafka-metadata-quorum.sh": "org.apache.kafka.tools.MetadataQuorumCommand",
+        "kafka-server-start.sh": "kafka.Kafka",
+        "kafka-storage.sh": "kafka.tools.StorageTool",
+        "kafka-topics.sh": "org.apache.kafka.tools.TopicCommand",
+    }
+
+
+def test_kraft_scripts_configure_log4j2_not_log4j1() -> None:
+    scripts = {p.name: p.read_text() for p in (KRAFT_DATA / "bin").glob("*.sh")}
+    assert all(text.startswith("#!/bin/sh\n") for text in scripts.values())
+    assert all((KRAFT_DATA / "bin" / name).stat().st_mode & 0o111 for name in scripts)
+    assert "-Dlog4j2.configurationFile=$base_dir/config/log4j2.properties" in scripts["kafka-server-start.sh"]
+    assert "-Dlog4j2.configurationFile=$base_dir/config/tools-log4j2.properties" in scripts["kafka-run-class.sh"]
+    assert not any("-Dlog4j.configuration=" in text for text in scripts.values())
+    configs = sorted(p.name for p in (KRAFT_DATA / "config").iterdir())
+    assert configs == ["log4j2.properties", "server.properties", "tools-log4j2.properties"]
+
+
+def test_kraft_sample_config_is_a_combined_node() -> None:
+    props = read_properties((KRAFT_DATA / "config" / "server.properties").read_text())
+    assert props["process.roles"] == "broker,controller"
+    assert "controller.quorum.bootstrap.servers" in props
+    assert "zookeeper.connect" not in props
+
+
+def test_missing_main_classes_names_script_and_class() -> None:
+    classes = {"a.sh": "kafka.Kafka", "b.sh": "org.apache.kafka.tools.Gone"}
+    entries = ["kafka/Kafka.class", "org/apache/kafka/tools/TopicCommand.class"]
+    assert missing_main_classes(classes, entries) == ["b.sh: org.apache.kafka.tools.Gone"]
+
+
+def test_ensure_kraft_without_build_names_the_kraft_command(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match=r"kafka-asg artifacts build --kraft"):
+        ensure_kraft_kafka(CachePaths(tmp_path), build=False)
+    assert not (tmp_path / "maven").exists()
+
+
+def test_ensure_kraft_reuses_an_intact_cached_archive(tmp_path: Path) -> None:
+    cache = CachePaths(tmp_path)
+    recipe = kraft_kafka_recipe()
+    path = cache.artifacts_dir / recipe.archive_name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"kraft archive")
+    (path.parent / f"{path.name}.sha256").write_text(f"{sha256_file(path)}  {path.name}\n")
+    (path.parent / f"{path.name}.recipe").write_text(recipe_digest(recipe) + "\n")
+    found = ensure_kraft_kafka(cache, build=True)  # current and intact: no Maven run
+    assert found == Artifact("archives/kafka_2.13-4.4.0.tgz", path, sha256_file(path), len(b"kraft archive"))
+    assert not (tmp_path / "maven").exists()
+
+
+def test_list_shows_the_kraft_archive_only_when_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("KAFKA_ASG_CACHE_DIR", str(tmp_path))
+    cmd_artifacts(argparse.Namespace(action="list", config=None, kraft=False))
+    assert "kafka_2.13-4.4.0" not in capsys.readouterr().out
+    path = CachePaths(tmp_path).artifacts_dir / "kafka_2.13-4.4.0.tgz"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"x")
+    (path.parent / f"{path.name}.sha256").write_text(f"{sha256_file(path)}  {path.name}\n")
+    (path.parent / f"{path.name}.recipe").write_text(recipe_digest(kraft_kafka_recipe()) + "\n")
+    assert cmd_artifacts(argparse.Namespace(action="list", config=None, kraft=False)) == 0
+    assert "archives/kafka_2.13-4.4.0.tgz" in capsys.readouterr().out
+
+
+def test_cli_accepts_kraft_flag() -> None:
+    from kafka_asg.cli import build_parser
+
+    args = build_parser().parse_args(["artifacts", "build", "--kraft"])
+    assert (args.action, args.kraft) == ("build", True)
+    assert build_parser().parse_args(["artifacts", "list"]).kraft is False
