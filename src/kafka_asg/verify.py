@@ -19,17 +19,20 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from kafka_asg.config import ClusterConfig
 from kafka_asg.errors import KafkaAsgError
 from kafka_asg.fsutil import read_properties, safe_extract
 from kafka_asg.paths import CachePaths
+from kafka_asg.retry import Retry, RetryExhausted
 
 logger = logging.getLogger(__name__)
 
 _MODE = re.compile(r"^Mode:\s*(\w+)", re.MULTILINE)
 NOT_SERVING = "This ZooKeeper instance is not currently serving requests"
+
+T = TypeVar("T")
 
 
 class VerifyFailed(KafkaAsgError):
@@ -105,30 +108,50 @@ def kafka_tools(cfg: ClusterConfig, cache: CachePaths | None = None) -> Path:
     return top / "bin"
 
 
-def verify(
-    cfg: ClusterConfig,
-    run: ProbeRunner,
-    *,
-    messages: int = 100,
-    tools_bin: Path | None = None,
-    say: Callable[[str], None] = print,
-) -> None:
-    """Raise :class:`VerifyFailed` naming the first failed check; ``say`` each passed one."""
+def check_quorum(cfg: ClusterConfig, run: ProbeRunner) -> dict[int, str]:
     modes: dict[int, str] = {}
     for slot in cfg.slots:
-        probe = run(["sh", "-c", f"printf srvr | nc -w 3 {slot.ip} {cfg.ports.zk_client}"], 10)
+        probe = run(["sh", "-c", f"printf srvr | nc -w 5 {slot.ip} {cfg.ports.zk_client}"], 15)
         modes[slot.number] = zk_mode_from_srvr(probe.stdout)
     if problems := quorum_problems(modes):
         raise VerifyFailed("ZooKeeper quorum: " + "; ".join(problems))
-    say("zookeeper: " + ", ".join(f"{slot} {mode}" for slot, mode in sorted(modes.items())))
+    return modes
 
-    bootstrap = ",".join(f"{s.ip}:{cfg.ports.kafka}" for s in cfg.slots)
+
+def check_brokers(cfg: ClusterConfig, run: ProbeRunner, bootstrap: str) -> dict[int, str]:
     probe = run(["kcat", "-b", bootstrap, "-L", "-J", "-m", "10"], 30)
     if probe.returncode != 0:
         raise VerifyFailed(f"kafka metadata: kcat -L failed: {probe.stderr.strip()}")
     brokers = brokers_from_metadata(probe.stdout)
     if problems := broker_problems(cfg, brokers):
         raise VerifyFailed("kafka brokers: " + "; ".join(problems))
+    return brokers
+
+
+def settled(what: str, check: Callable[[], T], deadline: float) -> T:
+    """Re-run a check until it passes or ``deadline`` seconds have passed: right after a replacement the
+    ensemble may still be electing or a loaded server slow to answer. The last failure is the verdict."""
+    try:
+        return Retry(deadline=deadline, delay=1.0, max_delay=3.0, retry_on=(VerifyFailed,))(what, check)
+    except RetryExhausted as exc:
+        raise VerifyFailed(str(exc.last)) from exc
+
+
+def verify(
+    cfg: ClusterConfig,
+    run: ProbeRunner,
+    *,
+    messages: int = 100,
+    tools_bin: Path | None = None,
+    settle_seconds: float = 30.0,
+    say: Callable[[str], None] = print,
+) -> None:
+    """Raise :class:`VerifyFailed` naming the first failed check; ``say`` each passed one."""
+    modes = settled("zookeeper quorum", lambda: check_quorum(cfg, run), settle_seconds)
+    say("zookeeper: " + ", ".join(f"{slot} {mode}" for slot, mode in sorted(modes.items())))
+
+    bootstrap = ",".join(f"{s.ip}:{cfg.ports.kafka}" for s in cfg.slots)
+    brokers = settled("kafka brokers", lambda: check_brokers(cfg, run, bootstrap), settle_seconds)
     say("kafka: brokers " + ", ".join(f"{i}@{h}" for i, h in sorted(brokers.items())))
 
     partitions = int(read_properties(cfg.kafka_config.read_text()).get("num.partitions", "1"))

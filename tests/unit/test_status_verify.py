@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
+from kafka_asg.config import seed_config
 from kafka_asg.status import EniFacts, InstanceFacts, build_rows, render_table
-from kafka_asg.verify import brokers_from_metadata, quorum_problems, zk_mode_from_srvr
+from kafka_asg.verify import (
+    Probe,
+    ProbeRunner,
+    VerifyFailed,
+    brokers_from_metadata,
+    check_quorum,
+    quorum_problems,
+    settled,
+    zk_mode_from_srvr,
+)
 
 SERVING = {
     "kafka-asg:state": "serving",
@@ -64,3 +76,31 @@ def test_quorum_needs_exactly_one_leader() -> None:
 def test_brokers_from_kcat_metadata() -> None:
     doc = '{"brokers": [{"id": 2, "name": "10.0.0.21:9095"}, {"id": 1, "name": "10.0.0.53:9095"}], "topics": []}'
     assert brokers_from_metadata(doc) == {1: "10.0.0.53:9095", 2: "10.0.0.21:9095"}
+
+
+def _runner(answers: list[str]) -> tuple[ProbeRunner, list[str]]:
+    """A probe runner that answers srvr from a script of answers, one per call, and records the commands."""
+    calls: list[str] = []
+
+    def run(argv: Sequence[str], timeout: float) -> Probe:
+        calls.append(" ".join(argv))
+        return Probe(0, answers[min(len(calls), len(answers)) - 1], "")
+
+    return run, calls
+
+
+def test_the_quorum_check_lets_a_busy_ensemble_settle() -> None:
+    cfg = seed_config()
+    # First round: slot 1 does not answer in time (a loaded host, an election); second round: all in quorum.
+    run, calls = _runner(
+        ["", "Mode: leader\n", "Mode: follower\n", "Mode: follower\n", "Mode: leader\n", "Mode: follower\n"]
+    )
+    modes = settled("zookeeper quorum", lambda: check_quorum(cfg, run), deadline=10)
+    assert sorted(modes.values()) == ["follower", "follower", "leader"]
+    assert len(calls) == 6 and "nc -w 5 10.0.0.53 2181" in calls[0]
+
+
+def test_the_quorum_check_fails_with_the_last_problem_after_the_deadline() -> None:
+    run, _ = _runner(["This ZooKeeper instance is not currently serving requests\n"])
+    with pytest.raises(VerifyFailed, match=r"^ZooKeeper quorum: slot 1: ZooKeeper not serving; slot 2"):
+        settled("zookeeper quorum", lambda: check_quorum(seed_config(), run), deadline=1.5)
