@@ -143,7 +143,7 @@ def verify(
     *,
     messages: int = 100,
     tools_bin: Path | None = None,
-    settle_seconds: float = 30.0,
+    settle_seconds: float = 60.0,
     say: Callable[[str], None] = print,
 ) -> None:
     """Raise :class:`VerifyFailed` naming the first failed check; ``say`` each passed one."""
