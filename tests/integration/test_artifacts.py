@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from tests.integration.dist_tools import free_port, run_tool, tool, topic_round_trip
 
 from kafka_asg.artifacts import AGENT_KEY, ArtifactSet, ensure_artifacts
 from kafka_asg.config import seed_config
@@ -41,12 +42,6 @@ def unpacked(built: ArtifactSet, tmp_path_factory: pytest.TempPathFactory) -> tu
             tops.append(tar.getnames()[0].split("/")[0])
             tar.extractall(dest, filter="tar")
     return dest / tops[0], dest / tops[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def four_letter(port: int, word: str) -> str:
@@ -83,18 +78,6 @@ class Server:
 
     def alive(self) -> None:
         assert self.proc.poll() is None, f"exited {self.proc.returncode}: {self.log.read_text()[-3000:]}"
-
-
-def run_tool(bin_dir: Path, name: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "KAFKA_HEAP_OPTS": "-Xmx128m"}
-    argv = [str(bin_dir / name), *args]
-    return subprocess.run(argv, input=stdin, capture_output=True, text=True, env=env, timeout=60, check=False)
-
-
-def tool(bin_dir: Path, name: str, *args: str, stdin: str | None = None) -> str:
-    proc = run_tool(bin_dir, name, *args, stdin=stdin)
-    assert proc.returncode == 0, f"{name} {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
 
 
 def test_archives_have_official_layout_and_checksums(built: ArtifactSet) -> None:
@@ -256,23 +239,7 @@ def test_zookeeper_and_kafka_serve_from_the_archives(
     zk_cli = run_tool(zk_home / "bin", "zkCli.sh", "-server", zk_connect, "ls", "/brokers/ids")
     assert zk_cli.returncode == 0, zk_cli.stderr
     assert "[0]" in zk_cli.stdout
-    tool(bin_dir, "kafka-topics.sh", "--bootstrap-server", bootstrap, "--create", "--topic", "t1", "--partitions", "1")
-    assert "t1" in tool(bin_dir, "kafka-topics.sh", "--bootstrap-server", bootstrap, "--list").split()
-    tool(bin_dir, "kafka-console-producer.sh", "--bootstrap-server", bootstrap, "--topic", "t1", stdin="hello asg\n")
-    out = tool(
-        bin_dir,
-        "kafka-console-consumer.sh",
-        "--bootstrap-server",
-        bootstrap,
-        "--topic",
-        "t1",
-        "--from-beginning",
-        "--max-messages",
-        "1",
-        "--timeout-ms",
-        "30000",
-    )
-    assert out.strip() == "hello asg"
+    topic_round_trip(bin_dir, bootstrap, "hello asg")
 
     # The log backends work: both servers wrote their own log files, not just stdout.
     assert (zk_logs / "zookeeper-server.log").stat().st_size > 0

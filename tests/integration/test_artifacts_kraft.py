@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import tarfile
 import zipfile
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.integration.dist_tools import free_port, run_tool, tool, topic_round_trip
 
 from kafka_asg.artifacts import Artifact, ensure_kraft_kafka, missing_main_classes, script_main_classes
 from kafka_asg.fsutil import sha256_file
@@ -40,24 +40,6 @@ def home(built: Artifact, tmp_path_factory: pytest.TempPathFactory) -> Path:
     with tarfile.open(built.path) as tar:
         tar.extractall(dest, filter="tar")
     return dest / TOP
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def run_tool(home: Path, name: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "KAFKA_HEAP_OPTS": "-Xmx128m"}
-    argv = [str(home / "bin" / name), *args]
-    return subprocess.run(argv, input=stdin, capture_output=True, text=True, env=env, timeout=60, check=False)
-
-
-def tool(home: Path, name: str, *args: str, stdin: str | None = None) -> str:
-    proc = run_tool(home, name, *args, stdin=stdin)
-    assert proc.returncode == 0, f"{name} {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
 
 
 def test_archive_has_official_layout_and_every_main_class(built: Artifact, home: Path) -> None:
@@ -99,7 +81,7 @@ def started() -> Iterator[list[subprocess.Popen[bytes]]]:
 def test_combined_node_formats_elects_itself_and_serves_a_topic(
     home: Path, tmp_path: Path, started: list[subprocess.Popen[bytes]]
 ) -> None:
-    cluster_id = tool(home, "kafka-storage.sh", "random-uuid").strip()
+    cluster_id = tool(home / "bin", "kafka-storage.sh", "random-uuid").strip()
     # A Kafka cluster id is a 16-byte UUID in URL-safe base64 without padding (22 characters).
     assert re.fullmatch(r"[A-Za-z0-9_-]{22}", cluster_id), cluster_id
 
@@ -117,7 +99,7 @@ def test_combined_node_formats_elects_itself_and_serves_a_topic(
         "group.initial.rebalance.delay.ms=0\n"
     )
     # --standalone: this node is the whole initial controller quorum (KIP-853 dynamic quorum).
-    tool(home, "kafka-storage.sh", "format", "-t", cluster_id, "-c", str(props), "--standalone")
+    tool(home / "bin", "kafka-storage.sh", "format", "-t", cluster_id, "-c", str(props), "--standalone")
     assert f"cluster.id={cluster_id}" in (tmp_path / "data" / "meta.properties").read_text()
 
     logs = tmp_path / "logs"
@@ -132,28 +114,14 @@ def test_combined_node_formats_elects_itself_and_serves_a_topic(
 
     def leader() -> bool:
         assert node.poll() is None, f"kafka exited {node.returncode}:\n{out.read_text()[-3000:]}"
-        proc = run_tool(home, "kafka-metadata-quorum.sh", "--bootstrap-server", bootstrap, "describe", "--status")
+        proc = run_tool(
+            home / "bin", "kafka-metadata-quorum.sh", "--bootstrap-server", bootstrap, "describe", "--status"
+        )
         return proc.returncode == 0 and re.search(r"^LeaderId:\s+1$", proc.stdout, re.MULTILINE) is not None
 
     wait_until("node 1 leads the KRaft quorum", leader, deadline=60, interval=1)
 
-    tool(home, "kafka-topics.sh", "--bootstrap-server", bootstrap, "--create", "--topic", "t1", "--partitions", "1")
-    assert "t1" in tool(home, "kafka-topics.sh", "--bootstrap-server", bootstrap, "--list").split()
-    tool(home, "kafka-console-producer.sh", "--bootstrap-server", bootstrap, "--topic", "t1", stdin="hello kraft\n")
-    consumed = tool(
-        home,
-        "kafka-console-consumer.sh",
-        "--bootstrap-server",
-        bootstrap,
-        "--topic",
-        "t1",
-        "--from-beginning",
-        "--max-messages",
-        "1",
-        "--timeout-ms",
-        "30000",
-    )
-    assert consumed.strip() == "hello kraft"
+    topic_round_trip(home / "bin", bootstrap, "hello kraft")
 
     # Log4j2 works: the server wrote its own log file through config/log4j2.properties, not just stdout.
     server_log = logs / "server.log"

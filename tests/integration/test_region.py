@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from typing import Any, TypeVar
 
 import boto3
 import pytest
+from tests.integration.dist_tools import free_port
 
 from kafka_asg.config import seed_config
 from kafka_asg.local.commands import RegionInfo, ensure_region, make_hosts, region_info, stop_region
@@ -76,12 +76,6 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float = 60.0) ->
             return result
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def netns() -> set[str]:
