@@ -149,7 +149,7 @@ def test_disk_mkfs_only_when_empty_and_identity_survives_a_remount(ebs_volume: t
     host.mount(loop, mountpoint)  # idempotent
     mounted = host.disk(VOLUME_ID)
     assert mounted is not None
-    assert mounted.mounted_at == mountpoint
+    assert (mounted.mounted_at, mounted.filesystem) == (mountpoint, "ext4")  # from the mount table, no blkid
     assert os.path.ismount(paths.under_root(str(mountpoint)))
     host.write_file(mountpoint / "myid", "2\n")
     lost_found = paths.under_root(str(mountpoint / "lost+found"))
@@ -174,7 +174,8 @@ def test_disk_mkfs_only_when_empty_and_identity_survives_a_remount(ebs_volume: t
     assert host.read_file(mountpoint / "myid") == "2\n"
     remounted = host.disk(VOLUME_ID)
     assert remounted is not None
-    assert remounted.label == "kasg-2-zk-data"
+    assert (remounted.filesystem, remounted.mounted_at) == ("ext4", mountpoint)
+    assert unmounted.label == "kasg-2-zk-data"  # the label survived the mount cycle (blkid, unmounted)
 
 
 def test_mount_refuses_a_second_place(ebs_volume: tuple[AgentPaths, Path]) -> None:

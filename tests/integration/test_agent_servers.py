@@ -304,7 +304,7 @@ def test_zookeeper_standalone_and_broker_registration(jvm_services: ProcessServi
         deadline=60,
     )
     zk_connect = f"127.0.0.1:{cfg.ports.zk_client}"
-    assert jvm_services.broker_registered(zk_connect, 1) is False
+    assert jvm_services.broker_registration(zk_connect, 1) is None
 
     if KAFKA_ARCHIVE.is_file():
         slot = cfg.slot(1)
@@ -313,14 +313,21 @@ def test_zookeeper_standalone_and_broker_registration(jvm_services: ProcessServi
         properties.write_text(render_server_properties(base, cfg, slot, "local-az1"))
         jvm_services.install("kafka", KAFKA_ARCHIVE)
         jvm_services.start("kafka", properties, {})
-        wait_until("broker 1 registered", lambda: jvm_services.broker_registered(zk_connect, 1), deadline=120)
+        started_at = jvm_services.state("kafka").started_at
+        assert started_at is not None and abs(started_at - time.time()) < 60
+        wait_until(
+            "broker 1 registered", lambda: jvm_services.broker_registration(zk_connect, 1) is not None, deadline=120
+        )
+        # Kafka's own timestamp: after the process started, and not in the future.
+        registered_at = jvm_services.broker_registration(zk_connect, 1)
+        assert registered_at is not None and started_at <= registered_at <= time.time()
         # Kafka 3.9 halts without a controlled shutdown when SIGTERM arrives before its startup completed
         # ("Kafka server is still starting up, cannot shut down!"), leaving /brokers/ids/1 until the session
         # expires: stop it only once it logged "started".
         stdout = jvm_services.paths.log_dir / "kafka.stdout.log"
         wait_until("Kafka started", lambda: "[KafkaServer id=1] started" in stdout.read_text(), deadline=120)
         jvm_services.stop("kafka", timeout=60)
-        assert jvm_services.broker_registered(zk_connect, 1) is False  # the ephemeral node left with it
+        assert jvm_services.broker_registration(zk_connect, 1) is None  # the ephemeral node left with it
 
     jvm_services.stop("zookeeper", timeout=30)
     assert not group_alive(pid)
@@ -349,7 +356,7 @@ def test_broker_probe_is_unavailable_when_zookeeper_is_down(tmp_path: Path) -> N
     (port,) = free_ports(1)
     started = time.monotonic()
     with pytest.raises(Unavailable, match="cannot tell if broker 2 is registered"):
-        ProcessServices(AgentPaths(root=tmp_path)).broker_registered(f"127.0.0.1:{port}", 2)
+        ProcessServices(AgentPaths(root=tmp_path)).broker_registration(f"127.0.0.1:{port}", 2)
     assert time.monotonic() - started < 10
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from kafka_asg.errors import HostError
 from kafka_asg.local.hostapi import InstanceSpec, NicSpec, VolumeSpec, VpcSpec, ebs_by_id_path
-from kafka_asg.local.hosts import LinuxHosts
+from kafka_asg.local.hosts import ROUTER_MAC, LinuxHosts
 from kafka_asg.paths import RegionPaths
 from kafka_asg.retry import wait_until
 
@@ -157,6 +157,34 @@ def test_two_instances_in_two_subnets_reach_each_other_via_the_router(hosts: Lin
         "10.0.0.20",
         "ip-10-0-0-20",
     ]
+
+
+def test_the_router_keeps_its_mac_while_ports_come_and_go(hosts: LinuxHosts) -> None:
+    """A bridge takes the lowest MAC among its ports unless its own is set; instances would then keep
+    sending to a router MAC that left with a removed port until their ARP entries expired."""
+    a = instance(hosts, "10.0.0.8", SUBNET_A, 7)
+
+    def router_mac() -> str:
+        return str(
+            json.loads(
+                subprocess.run(
+                    ["ip", "-n", VPC_NETNS, "-j", "link", "show", "br0"], capture_output=True, check=True
+                ).stdout
+            )[0]["address"]
+        )
+
+    assert router_mac() == ROUTER_MAC
+    low = ["ip", "-n", VPC_NETNS, "link"]
+    subprocess.run([*low, "add", "kasgtlow", "address", "00:00:5e:00:00:01", "type", "veth", "peer", "name",
+                    "kasgtlow2"], check=True)  # fmt: skip
+    try:
+        subprocess.run([*low, "set", "kasgtlow", "master", "br0", "up"], check=True)
+        assert router_mac() == ROUTER_MAC
+    finally:
+        subprocess.run([*low, "del", "kasgtlow"], check=True)
+    assert router_mac() == ROUTER_MAC
+    neighbours = sh(hosts, a.instance_id, "nc -z -w 1 10.0.0.1 9; ip neigh show 10.0.0.1").stdout.decode()
+    assert f"lladdr {ROUTER_MAC}" in neighbours
 
 
 def test_user_data_gets_cloud_init_environment(hosts: LinuxHosts) -> None:

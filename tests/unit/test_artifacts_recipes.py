@@ -238,10 +238,13 @@ def test_prune_keeps_named_services_and_top_level_files(tmp_path: Path) -> None:
     for service in ("ec2", "s3", "sagemaker"):
         (tmp_path / service / "2016-11-15").mkdir(parents=True)
         (tmp_path / service / "2016-11-15" / "service-2.json.gz").write_bytes(b"x" * 10)
+    (tmp_path / "ec2" / "2015-10-01").mkdir()
+    (tmp_path / "ec2" / "2015-10-01" / "service-2.json.gz").write_bytes(b"x" * 7)
     (tmp_path / "endpoints.json").write_text("{}")
     freed = prune_botocore_data(tmp_path, ("ec2", "s3"))
-    assert freed == 10
+    assert freed == 17  # sagemaker, and ec2's older API version (botocore loads the newest)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ec2", "endpoints.json", "s3"]
+    assert [p.name for p in (tmp_path / "ec2").iterdir()] == ["2016-11-15"]
 
 
 def test_artifact_set_objects_maps_keys_to_paths(tmp_path: Path) -> None:

@@ -154,18 +154,30 @@ Action = (
 )
 
 
+# How soon the loop looks again after a wait:
+# - "soon": something on this node that takes moments (a device showing up, the own server starting);
+# - "boot": EC2 or another instance (the old holder's shutdown): the boot pace, which keeps API calls low;
+# - "idle": serving, standing by, refused: a slow heartbeat (a surplus instance may stand by for days).
+# None: by the state (booting -> "boot", anything else -> "idle").
+Pace = Literal["soon", "boot", "idle"]
+
+
 @dataclass(frozen=True)
 class Decision:
     action: Action
     sentence: str
     state: NodeState
-    # A wait for something on this node that takes moments (a device showing up, the own server starting):
-    # the loop re-checks it sooner than a wait on EC2 or another instance.
-    soon: bool = False
+    pace: Pace | None = None
+
+    @property
+    def recheck(self) -> Pace:
+        if self.pace is not None:
+            return self.pace
+        return "boot" if self.state == "booting" else "idle"
 
 
-def _wait(sentence: str, state: NodeState = "booting", *, soon: bool = False) -> Decision:
-    return Decision(NoAction(), sentence, state, soon)
+def _wait(sentence: str, state: NodeState = "booting", *, pace: Pace | None = None) -> Decision:
+    return Decision(NoAction(), sentence, state, pace)
 
 
 # ------------------------------------------------------------------------------- cascade
@@ -243,10 +255,13 @@ def _wait_for_dying_holder(view: NodeView, cfg: ClusterConfig, eni: EniView) -> 
             f"holder {holder} is still {state}; re-checking each cycle",
             "standby",
         )
+    # Looked at at the boot pace: the slot frees within seconds of EC2 finishing the holder's termination,
+    # and every second here is a second of a missing broker.
     return _wait(
         f"waiting for {eni.eni_id} (slot {eni.slot}, {eni.ip}): holder {holder} is {state} "
         f"(waited {waited:.0f}s of {cfg.claim_wait_seconds}s)",
         "standby",
+        pace="boot",
     )
 
 
@@ -333,7 +348,7 @@ def _role(vol: VolumeView) -> VolumeRole:
 def _configure_nic(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision | None:
     nic = view.nic
     if nic is None:
-        return _wait(f"waiting: the NIC of {eni.eni_id} (MAC {eni.mac}) is not visible to the OS yet", soon=True)
+        return _wait(f"waiting: the NIC of {eni.eni_id} (MAC {eni.mac}) is not visible to the OS yet", pace="soon")
     if nic.up and eni.ip in nic.addresses and nic.has_policy_route:
         return None
     table = ROUTE_TABLE_BASE + ENI_DEVICE_INDEX
@@ -352,7 +367,7 @@ def _prepare_disks(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision
         disk = view.disks.get(vol.volume_id)
         if disk is None:
             return _wait(
-                f"waiting: volume {vol.volume_id} ({role}) is not visible under /dev/disk/by-id yet", soon=True
+                f"waiting: volume {vol.volume_id} ({role}) is not visible under /dev/disk/by-id yet", pace="soon"
             )
         if disk.filesystem is None:
             # mkfs only on a device with no filesystem at all: a replacement keeps the slot's data.
@@ -432,13 +447,22 @@ def _supervise(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision:
     if zk is not None:
         return zk
     if view.zk_mode not in SERVING_ZK_MODES:
-        return _wait(f"waiting: zookeeper quorum not formed (mode: {view.zk_mode})", soon=True)
+        return _wait(f"waiting: zookeeper quorum not formed (mode: {view.zk_mode})", pace="soon")
+    if view.leftover_registration and not view.server("kafka").running:
+        # A second broker with this id would fail with NodeExists (and crash-loop into the backoff) until the
+        # previous holder's ZooKeeper session expires (zookeeper.session.timeout.ms after it died); or it is
+        # still alive somewhere, and then it must never get a twin.
+        return _wait(
+            f"waiting: /brokers/ids/{eni.slot} still holds a previous broker {eni.slot}'s registration "
+            "(its zookeeper session has not expired); starting kafka once it is gone",
+            pace="soon",  # a read on this node's own ZooKeeper (one kept session): cheap to look often
+        )
     kafka = _start_or_restart(view, "kafka", f"broker {eni.slot}, {eni.ip}:{cfg.ports.kafka}")
     if kafka is not None:
         return kafka
     if not view.broker_registered:
         return _wait(
-            f"waiting: broker {eni.slot} not registered in zookeeper yet (zookeeper {view.zk_mode})", soon=True
+            f"waiting: broker {eni.slot} not registered in zookeeper yet (zookeeper {view.zk_mode})", pace="soon"
         )
     marker = view.markers.get("kafka-log")
     cluster_id = (view.kafka_meta or {}).get("cluster.id")

@@ -48,6 +48,9 @@ class FakeClock:
     def time(self) -> float:
         return self.now + self.wall_offset
 
+    def cpu(self) -> tuple[float, float]:
+        return 0.0, 0.0  # the tests measure no CPU
+
     def sleep(self, seconds: float) -> None:
         self.now += seconds
 
@@ -388,12 +391,15 @@ class FakeServer:
     next_start_at: float | None = None
     starts: int = 0
     config: Path | None = None
+    started_at: float | None = None
 
 
 class FakeServices(Services):
     """ZooKeeper and Kafka as state. ZooKeeper serves in ``zk_mode_when_running`` once started; Kafka
-    registers as soon as it runs while ZooKeeper serves. ``crash`` sets the backoff like the real one
-    (restarts counts exits; next start = exit + min(2**restarts, 60) s)."""
+    registers ``registration_delay`` seconds after it starts, while ZooKeeper serves. ``crash`` sets the
+    backoff like the real one (restarts counts exits; next start = exit + min(2**restarts, 60) s).
+    ``leftover_registration``: a predecessor's /brokers/ids node, until its session expires.
+    One clock (``clock``) stands for both the monotonic and the wall clock."""
 
     def __init__(self, clock: Callable[[], float], zk_mode_when_running: ZkMode = "follower") -> None:
         self.clock = clock
@@ -402,6 +408,9 @@ class FakeServices(Services):
         self.installed: dict[ServerName, Path] = {}
         self.events: list[str] = []
         self.meta_writer: Callable[[], None] | None = None  # e.g. Kafka writing meta.properties at start
+        self.registration_delay = 0.0
+        # A predecessor's /brokers/ids node: (registered at, its session expires at).
+        self.leftover_registration: tuple[float, float] | None = None
         self._next_pid = 100
 
     def install(self, name: ServerName, archive: Path) -> Path:
@@ -419,6 +428,7 @@ class FakeServices(Services):
             return
         self._next_pid += 1
         server.running, server.pid, server.starts, server.config = True, self._next_pid, server.starts + 1, config
+        server.started_at = self.clock()
         self.events.append(f"start {name}")
         if name == "kafka" and self.meta_writer is not None:
             self.meta_writer()
@@ -438,15 +448,21 @@ class FakeServices(Services):
 
     def state(self, name: ServerName) -> ServerState:
         s = self.servers[name]
-        return ServerState(name, s.running, s.pid, s.restarts, s.next_start_at)
+        return ServerState(name, s.running, s.pid, s.restarts, s.next_start_at, s.started_at if s.running else None)
 
     def zk_mode(self, address: IPv4Address, port: int) -> ZkMode:
         return self.zk_mode_when_running if self.servers["zookeeper"].running else "down"
 
-    def broker_registered(self, zk_connect: str, broker_id: int) -> bool:
+    def broker_registration(self, zk_connect: str, broker_id: int) -> float | None:
         if self.zk_mode(IPv4Address("127.0.0.1"), 0) not in ("leader", "follower", "standalone"):
             raise Unavailable("zookeeper is not serving")
-        return self.servers["kafka"].running
+        now = self.clock()
+        if self.leftover_registration is not None and now < self.leftover_registration[1]:
+            return self.leftover_registration[0]  # its owner's; ours would fail with NodeExists meanwhile
+        kafka = self.servers["kafka"]
+        if kafka.running and kafka.started_at is not None and now >= kafka.started_at + self.registration_delay:
+            return kafka.started_at + self.registration_delay
+        return None
 
 
 def eni_view(eni: FakeEni) -> EniView:

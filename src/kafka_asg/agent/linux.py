@@ -59,13 +59,13 @@ def _unescape_mount_field(field: str) -> str:
     return field
 
 
-def parse_mounts(text: str) -> list[tuple[str, Path]]:
-    """``/proc/self/mounts`` -> ``[(source, mountpoint), ...]``."""
+def parse_mounts(text: str) -> list[tuple[str, Path, str]]:
+    """``/proc/self/mounts`` -> ``[(source, mountpoint, fstype), ...]``."""
     out = []
     for line in text.splitlines():
         fields = line.split()
-        if len(fields) >= 2:
-            out.append((_unescape_mount_field(fields[0]), Path(_unescape_mount_field(fields[1]))))
+        if len(fields) >= 3:
+            out.append((_unescape_mount_field(fields[0]), Path(_unescape_mount_field(fields[1])), fields[2]))
     return out
 
 
@@ -193,12 +193,17 @@ class LinuxHost(Host):
         return parse_blkid_export(proc.stdout) if proc.returncode == 0 else {}
 
     def _mounted_at(self, device: Path) -> Path | None:
+        mount = self._mount_of(device)
+        return mount[0] if mount is not None else None
+
+    def _mount_of(self, device: Path) -> tuple[Path, str] | None:
+        """(instance mountpoint, file system type) of ``device``, None if it is not mounted."""
         try:
             rdev = device.stat().st_rdev
             mounts = Path("/proc/self/mounts").read_text()
         except OSError as exc:
             raise HostError(f"cannot inspect {device} or /proc/self/mounts: {exc}") from exc
-        for source, mountpoint in parse_mounts(mounts):
+        for source, mountpoint, fstype in parse_mounts(mounts):
             if not source.startswith("/"):
                 continue
             try:
@@ -206,7 +211,7 @@ class LinuxHost(Host):
             except OSError:
                 continue
             if same:
-                return self._instance_path(mountpoint)
+                return self._instance_path(mountpoint), fstype
         return None
 
     def _real(self, path: Path) -> Path:
@@ -228,15 +233,15 @@ class LinuxHost(Host):
         device = link.resolve()
         if not device.is_block_device():
             raise HostError(f"{link} resolves to {device}, which is not a block device")
+        mount = self._mount_of(device)
+        if mount is not None:
+            # Mounted: the kernel says which file system it is; no blkid process every cycle (label unknown,
+            # nothing decides on it). make_filesystem probes again anyway before it would write.
+            return DiskState(device=device, filesystem=mount[1], label=None, mounted_at=mount[0])
         probe = self._blkid(device)
         # A partition table counts as "not empty": never format over someone's partitions.
         filesystem = probe.get("TYPE") or (f"partition table {probe['PTTYPE']}" if "PTTYPE" in probe else None)
-        return DiskState(
-            device=device,
-            filesystem=filesystem,
-            label=probe.get("LABEL"),
-            mounted_at=self._mounted_at(device),
-        )
+        return DiskState(device=device, filesystem=filesystem, label=probe.get("LABEL"), mounted_at=None)
 
     def make_filesystem(self, device: Path, label: str) -> None:
         probe = self._blkid(device)

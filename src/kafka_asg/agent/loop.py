@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -38,6 +39,7 @@ from kafka_asg.agent.decide import (
     Mount,
     NoAction,
     NodeState,
+    Pace,
     ProtectFromScaleIn,
     RecordKafkaClusterId,
     Refuse,
@@ -46,6 +48,7 @@ from kafka_asg.agent.decide import (
     decide,
 )
 from kafka_asg.agent.ports import Cloud, Host, Imds, InstanceIdentity, ServerName, Services
+from kafka_asg.agent.reads import RecentReads
 from kafka_asg.agent.snapshot import MARKER_NAME, Memory, NodeView, observe, remember
 from kafka_asg.agent.status import Status, write_status
 from kafka_asg.config import ClusterConfig, VolumeRole
@@ -77,6 +80,8 @@ class Clock(Protocol):
 
     def sleep(self, seconds: float) -> None: ...
 
+    def cpu(self) -> tuple[float, float]: ...
+
 
 class SystemClock:
     def monotonic(self) -> float:
@@ -88,18 +93,71 @@ class SystemClock:
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds (getrusage(2)) of this process (all threads), and of the children it reaped: the
+        commands it ran (mkfs, mount, blkid, ip) and any server that exited."""
+        own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime, reaped.ru_utime + reaped.ru_stime
+
 
 @dataclass(frozen=True)
 class AgentSettings:
     """Timings of the loop. ``booting_interval`` is short so a boot is not slowed by the loop itself."""
 
     booting_interval: float = 1.0
-    soon_interval: float = 0.2  # a boot wait on this node's own devices or servers (Decision.soon)
+    soon_interval: float = 0.2  # a wait on this node's own devices or servers (pace "soon")
+    soon_ec2_reads_max_age: float = 0.9  # EC2 reads reused across "soon" waits (agent/reads.py); < booting
     serving_interval: float = 5.0  # also standby and refused
     heartbeat_seconds: float = 60.0  # report() at least this often, even when nothing changed
     report_min_interval: float = 10.0  # a changed sentence alone is reported at most this often
     kafka_stop_timeout: float = 120.0  # controlled shutdown moves leadership away first
     zookeeper_stop_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What executing an action came to, when that differs from the decision's sentence."""
+
+    sentence: str
+    progressed: bool  # a step was done (the next cycle may run at once), not a wait or a lost race
+
+
+class Prefetch:
+    """One run of ``step`` in a background thread; :meth:`result` waits for it and re-raises its error.
+
+    The install (download, sha256, unpack) needs no slot, so the daemon starts it right after the first
+    cycle: it then overlaps the claim, the wait for a dying holder, the attaches and the mounts instead of
+    following them. Decisions stay in the loop: the Install step calls :meth:`result`. After an error (or
+    without a start, as in the unit tests' ``run_cycle``) :meth:`result` runs ``step`` inline.
+    """
+
+    def __init__(self, step: Callable[[], None]) -> None:
+        self._step = step
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._done = False
+
+    def start(self) -> None:
+        if self._thread is None and not self._done:
+            self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._step()
+        except BaseException as exc:  # handed to the loop's thread by result()
+            self._error = exc
+
+    def result(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread, error, self._error = None, self._error, None
+            if error is not None:
+                raise error
+            self._done = True
+        if not self._done:
+            self._step()
+            self._done = True
 
 
 class Semaphores:
@@ -162,7 +220,7 @@ class Agent:
         self.state: NodeState = "booting"
         self.halted = False
         self.progressed = False  # the last cycle executed a step (boot progress) rather than waiting
-        self.soon = False  # the last cycle waits for something on this node that takes moments
+        self.pace: Pace = "boot"  # how soon the last cycle's decision wants to look again
         self.cycle = 0
         self.last_view: NodeView | None = None
         self._started_at = self.clock.time()
@@ -171,13 +229,17 @@ class Agent:
         self._reported_at: float | None = None
         self._stop = threading.Event()
         self._last_bug: str | None = None
+        self.prefetch = Prefetch(self._download_and_unpack)
+        self.reads = RecentReads(cloud, self.clock.monotonic, self.settings.soon_ec2_reads_max_age)
 
     # ----------------------------------------------------------------------------------- cycle
     def run_cycle(self) -> str:
         """Observe, decide, execute; return the sentence that explains this cycle."""
         self.cycle += 1
+        if self.progressed or self.pace != "soon":
+            self.reads.forget()  # only a wait on this node's own servers or devices reuses EC2 reads
         self.progressed = False
-        self.soon = False
+        self.pace = "boot"
         view: NodeView | None = None
         try:
             identity = self._identity()
@@ -185,7 +247,7 @@ class Agent:
                 cfg=self.cfg,
                 identity=identity,
                 imds=self.imds,
-                cloud=self.cloud,
+                cloud=self.reads,
                 host=self.host,
                 services=self.services,
                 mountpoints=self.mountpoints,
@@ -196,10 +258,13 @@ class Agent:
             view = view.but(memory=self.memory)
             decision = decide(view, self.cfg)
             outcome = self._execute(decision.action, view)
-            sentence, state = outcome or decision.sentence, decision.state
-            # A step done (not a wait, not a lost race): the next cycle may run at once.
-            self.progressed = not isinstance(decision.action, (NoAction, Refuse, Halt)) and outcome is None
-            self.soon = decision.soon
+            state, self.pace = decision.state, decision.recheck
+            if outcome is None:
+                sentence = decision.sentence
+                # A step done (not a wait): the next cycle may run at once.
+                self.progressed = not isinstance(decision.action, (NoAction, Refuse, Halt))
+            else:
+                sentence, self.progressed = outcome.sentence, outcome.progressed
         except Unavailable as exc:
             sentence, state = f"waiting: {exc}; retrying next cycle", self._unchanged_state()
         except IdentityMismatch as exc:
@@ -232,12 +297,24 @@ class Agent:
 
     def _set_state(self, state: NodeState) -> None:
         if state != self.state:
-            self._state_since = self.clock.time()
+            now = self.clock.time()
+            # The agent's own cost, measured where it matters (bench/bench_cluster.py reads this line).
+            own, reaped = self.clock.cpu()
+            logger.info(
+                "state %s -> %s after %.2fs (agent started %.2fs ago, its CPU so far %.2fs, reaped children %.2fs)",
+                self.state,
+                state,
+                now - self._state_since,
+                now - self._started_at,
+                own,
+                reaped,
+            )
+            self._state_since = now
             self.state = state
 
     # --------------------------------------------------------------------------------- execute
-    def _execute(self, action: Action, view: NodeView) -> str | None:
-        """Do what the decision says. Returns a sentence when the outcome differs from the decision's."""
+    def _execute(self, action: Action, view: NodeView) -> Outcome | None:
+        """Do what the decision says. Returns an :class:`Outcome` when it differs from the decision's sentence."""
         match action:
             case NoAction() | Refuse():
                 return None
@@ -269,7 +346,8 @@ class Agent:
                 self._init_volume(action)
                 return None
             case Install():
-                self._install()
+                self.prefetch.result()
+                self.memory = replace(self.memory, installed=True)
                 return None
             case Render():
                 self._render(action.slot, view)
@@ -282,7 +360,7 @@ class Agent:
                 return None
         raise AssertionError(f"unhandled action {action!r}")  # pragma: no cover
 
-    def _claim_eni(self, action: ClaimEni, view: NodeView) -> str:
+    def _claim_eni(self, action: ClaimEni, view: NodeView) -> Outcome:
         me = view.instance_id
         what = f"{action.eni_id} (slot {action.slot}, {action.ip})"
         try:
@@ -290,16 +368,18 @@ class Agent:
         except ClaimLost as exc:
             holder = exc.holder or self._holder_of(action.eni_id, view) or "another instance"
             if holder != me:
-                return f"lost the race for {what} to {holder}; re-checking next cycle"
+                return Outcome(f"lost the race for {what} to {holder}; re-checking next cycle", progressed=False)
             # InUse by us: an earlier attach of ours went through (e.g. its reply was lost and retried).
         # Read the attachment back: the attach call is the lock on EC2, but not on every emulator
         # (moto accepts a second attach), so "mine" is what describe says, never what attach returned.
         now_held = {e.eni_id: e.attached_to for e in self.cloud.slot_enis(self.cfg.name, view.identity.subnet_id)}
         read_back = now_held.get(action.eni_id)
         if read_back != me:
-            return f"lost the race for {what}: after attaching, EC2 shows it attached to {read_back}"
+            return Outcome(
+                f"lost the race for {what}: after attaching, EC2 shows it attached to {read_back}", progressed=False
+            )
         self.memory = replace(self.memory, claimed_slot=action.slot)
-        return f"claimed {what}"
+        return Outcome(f"claimed {what}", progressed=True)
 
     def _holder_of(self, eni_id: str, view: NodeView) -> str | None:
         """Best effort: who holds the ENI now (EC2's InUse error does not say)."""
@@ -321,15 +401,16 @@ class Agent:
             self.cloud.set_scale_in_protection(self.cfg.asg_name, view.instance_id, False)
             sem.clear(PROTECT_STEP)
 
-    def _attach_volumes(self, action: AttachVolumes, view: NodeView) -> str | None:
+    def _attach_volumes(self, action: AttachVolumes, view: NodeView) -> Outcome | None:
         for volume_id, device in action.attachments:
             try:
                 self.cloud.attach_volume(volume_id, view.instance_id, device)
             except ClaimLost as exc:
                 # Keep what we attached (the slot's ENI is ours): report and retry, never start without all 3.
-                return (
+                return Outcome(
                     f"waiting: {volume_id} was attached by {exc.holder or 'another instance'} first; "
-                    f"keeping the slot, retrying next cycle"
+                    f"keeping the slot, retrying next cycle",
+                    progressed=False,
                 )
         return None
 
@@ -340,8 +421,11 @@ class Agent:
             self.host.remove_empty_dir(lost_found)
         self.host.write_file(action.mountpoint / MARKER_NAME, action.marker.to_json())
 
-    def _install(self) -> None:
-        """Download the archives unless already here, check sha256 against manifest.json, unpack."""
+    def _download_and_unpack(self) -> None:
+        """Download the archives unless already here, check sha256 against manifest.json, unpack.
+
+        Runs in the prefetch thread: touches only the bucket, the downloads and the install dirs, never
+        the loop's memory."""
         manifest = _manifest(self.cloud.get_object(self.cfg.bucket, "manifest.json"), self.cfg.bucket)
         for key, path in (("zookeeper.config", self.cfg.zookeeper_config), ("kafka.config", self.cfg.kafka_config)):
             if key in manifest:
@@ -366,7 +450,6 @@ class Agent:
                     raise
                 tmp.replace(dest)
             self.services.install(name, dest)
-        self.memory = replace(self.memory, installed=True)
 
     def _render(self, slot_number: int, view: NodeView) -> None:
         slot = self.cfg.slot(slot_number)
@@ -481,21 +564,27 @@ class Agent:
             logger.info("%s", self.run_cycle())
             if self.halted:
                 return 0
+            # After the first cycle (it read the warm-pool state): an instance headed for a warm pool halts
+            # above and installs nothing.
+            self.prefetch.start()
             # Boot steps follow each other without a pause (the loop must not slow a boot down: target
             # <= 1 s of agent work per node); waits are paced. The cap keeps a bug from spinning.
             if self.progressed and chained < MAX_CHAINED_CYCLES:
                 chained += 1
                 continue
             chained = 0
-            # Booting polls fast; serving, standby and refused re-check at the slower pace (a surplus instance
-            # may stand by for days: keep its API calls low).
-            if self.state != "booting":
-                interval = self.settings.serving_interval
-            else:
-                interval = self.settings.soon_interval if self.soon else self.settings.booting_interval
-            self._stop.wait(interval)
+            self._stop.wait(self.interval)
         self.shutdown()
         return 0
+
+    @property
+    def interval(self) -> float:
+        """Seconds until the next cycle after a wait, by the pace of the last decision."""
+        return {
+            "soon": self.settings.soon_interval,
+            "boot": self.settings.booting_interval,
+            "idle": self.settings.serving_interval,
+        }[self.pace]
 
     def request_stop(self) -> None:
         self._stop.set()

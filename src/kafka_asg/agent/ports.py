@@ -193,6 +193,7 @@ class ServerState:
     pid: int | None
     restarts: int
     next_start_at: float | None  # backoff: monotonic time before which no restart is attempted
+    started_at: float | None = None  # wall clock start of the running process (None: not running)
 
 
 class Services(ABC):
@@ -217,5 +218,5 @@ class Services(ABC):
         """``srvr`` and *read* the answer: ``srvr`` answers even when the server is not in a quorum."""
 
     @abstractmethod
-    def broker_registered(self, zk_connect: str, broker_id: int) -> bool:
-        """``/brokers/ids/<id>`` exists in ZooKeeper."""
+    def broker_registration(self, zk_connect: str, broker_id: int) -> float | None:
+        """When ``/brokers/ids/<id>`` was registered (wall clock seconds), None if it does not exist."""

@@ -8,6 +8,7 @@ restarted on a live instance adopts the running servers instead of starting seco
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -22,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from kafka_asg.agent.ports import ServerName, ServerState, Services, ZkMode
 from kafka_asg.errors import ServiceError, Unavailable
@@ -100,8 +101,9 @@ def archive_root_name(archive: Path) -> str:
 @dataclass
 class _Running:
     pid: int
-    started_at: float
+    started_at: float  # monotonic (the restart backoff)
     popen: subprocess.Popen[bytes] | None  # None: adopted from a pid file (not our child)
+    wall_started_at: float  # wall clock: compared with the broker's registration time
 
 
 class ProcessServices(Services):
@@ -118,6 +120,8 @@ class ProcessServices(Services):
         self._running: dict[ServerName, _Running] = {}
         self._restarts: dict[ServerName, int] = {}
         self._last_exit: dict[ServerName, float] = {}
+        self._zk_client: Any = None  # kazoo.client.KazooClient, kept between probes (see broker_registration)
+        self._zk_connect: str | None = None
 
     # -------------------------------------------------------------------------------------- install
 
@@ -187,6 +191,7 @@ class ProcessServices(Services):
             with open(stdout_path, "ab") as out, open(stderr_path, "ab") as err:
                 _mark(out, f"starting {' '.join(argv)}")
                 _mark(err, f"starting {' '.join(argv)}")
+                wall_started_at = time.time()
                 popen = subprocess.Popen(
                     argv,
                     stdin=subprocess.DEVNULL,
@@ -198,7 +203,7 @@ class ProcessServices(Services):
                 )
         except OSError as exc:
             raise ServiceError(f"cannot start {name} ({script}): {exc}") from exc
-        self._running[name] = _Running(popen.pid, self.clock(), popen)
+        self._running[name] = _Running(popen.pid, self.clock(), popen, wall_started_at)
         atomic_write(self._pid_file(name), f"{popen.pid}\n")
         logger.info("started %s (pid %d) with %s", name, popen.pid, config)
 
@@ -212,7 +217,7 @@ class ProcessServices(Services):
             self._pid_file(name).unlink(missing_ok=True)
             return None
         logger.info("adopting running %s (pid %d) from %s", name, pid, self._pid_file(name))
-        running = _Running(pid, self.clock(), None)
+        running = _Running(pid, self.clock(), None, process_start_time(pid))
         self._running[name] = running
         return running
 
@@ -228,7 +233,8 @@ class ProcessServices(Services):
         if running is not None:
             exited, code = self._poll(running, name)
             if not exited:
-                return ServerState(name, True, running.pid, self._restarts.get(name, 0), None)
+                restarts = self._restarts.get(name, 0)
+                return ServerState(name, True, running.pid, restarts, None, running.wall_started_at)
             self._record_crash(name, running, code)
         restarts = self._restarts.get(name, 0)
         last_exit = self._last_exit.get(name)
@@ -324,26 +330,70 @@ class ProcessServices(Services):
                 return "not serving"
         return parse_srvr(b"".join(chunks).decode("utf-8", errors="replace"))
 
-    def broker_registered(self, zk_connect: str, broker_id: int) -> bool:
-        """``/brokers/ids/<id>`` exists (the ephemeral node a live Kafka broker holds in ZooKeeper).
+    def broker_registration(self, zk_connect: str, broker_id: int) -> float | None:
+        """When ``/brokers/ids/<id>`` was registered (:func:`registration_time`), None if it does not exist.
 
         :raises Unavailable: ZooKeeper did not answer within a few seconds.
         """
-        from kazoo.client import KazooClient
-        from kazoo.exceptions import KazooException
+        from kazoo.exceptions import KazooException, NoNodeError
         from kazoo.handlers.threading import KazooTimeoutError
 
-        client = KazooClient(hosts=zk_connect, timeout=ZK_PROBE_TIMEOUT, connection_retry={"max_tries": 1})
         try:
-            client.start(timeout=ZK_PROBE_TIMEOUT)
-            return client.exists(f"/brokers/ids/{broker_id}") is not None
+            client = self._connected_zk_client(zk_connect)
+            try:
+                data, stat = client.get(f"/brokers/ids/{broker_id}")
+            except NoNodeError:
+                return None
+            return registration_time(data, stat.ctime)
         except (KazooTimeoutError, KazooException) as exc:
+            self.close_zk_client()
             raise Unavailable(
                 f"ZooKeeper {zk_connect} did not answer ({exc!r}): cannot tell if broker {broker_id} is registered"
             ) from exc
-        finally:
-            client.stop()
-            client.close()
+
+    def _connected_zk_client(self, zk_connect: str) -> Any:
+        """One ZooKeeper session for all probes: a session per probe would be two quorum writes (create and
+        close session) every cycle, and most of the agent's CPU while it waits for its broker."""
+        from kazoo.client import KazooClient
+
+        if self._zk_client is not None and (self._zk_connect != zk_connect or not self._zk_client.connected):
+            self.close_zk_client()
+        if self._zk_client is None:
+            client = KazooClient(hosts=zk_connect, timeout=ZK_PROBE_TIMEOUT, connection_retry={"max_tries": 1})
+            self._zk_client, self._zk_connect = client, zk_connect
+            client.start(timeout=ZK_PROBE_TIMEOUT)
+        return self._zk_client
+
+    def close_zk_client(self) -> None:
+        client, self._zk_client, self._zk_connect = self._zk_client, None, None
+        if client is not None:
+            with contextlib.suppress(Exception):  # closing a broken session must not hide why it broke
+                client.stop()
+                client.close()
+
+
+def registration_time(data: bytes, ctime_ms: int) -> float:
+    """Wall-clock seconds at which a broker wrote its ``/brokers/ids/<id>`` node.
+
+    Kafka writes ``timestamp`` (ms, the broker host's clock: the agent's, for its own broker) into the
+    registration (KafkaZkClient.registerBroker); the node's ctime (the ZooKeeper leader's clock) is the
+    fallback for a registration without it.
+    """
+    try:
+        return int(json.loads(data)["timestamp"]) / 1000
+    except (ValueError, KeyError, TypeError):
+        return ctime_ms / 1000
+
+
+def process_start_time(pid: int) -> float:
+    """Wall-clock start of a process: boot time (``btime`` in /proc/stat) + its ``starttime`` (proc(5))."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))  # fmt: skip
+    except (OSError, StopIteration, IndexError, ValueError):
+        return 0.0  # unknown: any registration counts (the pre-check behaviour)
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------------------------- helpers

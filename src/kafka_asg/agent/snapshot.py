@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 # The file the agent writes at the root of every slot volume right after making its filesystem.
 MARKER_NAME = "kafka-asg-volume.json"
+START_TIME_SLACK = 1.0  # seconds; see classify_registration
 SERVER_NAMES: tuple[ServerName, ...] = ("zookeeper", "kafka")
 # A holder in one of these states is on its way out: EC2 releases its ENI and volumes once it is
 # terminated (https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/scenarios-enis.html), so waiting is right.
@@ -109,8 +110,10 @@ class NodeView:
     kafka_meta: Mapping[str, str] | None  # meta.properties on the kafka-log volume
     servers: Mapping[ServerName, ServerState]
     zk_mode: ZkMode
-    broker_registered: bool
+    broker_registered: bool  # by the Kafka process running now (see classify_registration)
     memory: Memory = field(default_factory=Memory)
+    # /brokers/ids/<slot> exists but is not the running Kafka's: a dead predecessor's, until its session expires.
+    leftover_registration: bool = False
 
     # ---------------------------------------------------------------------------- factories
     @classmethod
@@ -241,13 +244,14 @@ def observe(
     markers, zk_myid, kafka_meta = _identity_files(host, volumes, disks, mountpoints, identity.instance_id)
     servers = {name: services.state(name) for name in SERVER_NAMES}
     zk_mode: ZkMode = "down"
-    registered = False
+    registered = leftover = False
     if my_eni is not None and servers["zookeeper"].running:
         zk_mode = services.zk_mode(my_eni.ip, cfg.ports.zk_client)
-    if my_eni is not None and servers["kafka"].running and zk_mode in ("leader", "follower", "standalone"):
+    if my_eni is not None and zk_mode in ("leader", "follower", "standalone"):
         # Ask this node's own server, which was just seen serving: a connect string with every slot would let
         # the client pick a slot whose IP nobody holds yet and time out.
-        registered = services.broker_registered(f"{my_eni.ip}:{cfg.ports.zk_client}", my_eni.slot)
+        registration = services.broker_registration(f"{my_eni.ip}:{cfg.ports.zk_client}", my_eni.slot)
+        registered, leftover = classify_registration(registration, servers["kafka"])
     return NodeView(
         now=now,
         identity=identity,
@@ -265,7 +269,24 @@ def observe(
         zk_mode=zk_mode,
         broker_registered=registered,
         memory=memory,
+        leftover_registration=leftover,
     )
+
+
+def classify_registration(registered_at: float | None, kafka: ServerState) -> tuple[bool, bool]:
+    """(registered by the running Kafka, held by someone else) for a /brokers/ids node registered at
+    ``registered_at`` (wall clock; None: no node).
+
+    The node is ephemeral, but it outlives a broker that died without closing its session by the session
+    timeout (zookeeper.session.timeout.ms, 18 s by default): a replacement's broker must not be taken as
+    registered on its predecessor's node; its own registration fails with NodeExists until that session
+    expires. A node is the running Kafka's if written after that process started, less a second of slack
+    for a start time read from /proc (whole-second boot time).
+    """
+    if registered_at is None:
+        return False, False
+    ours = kafka.running and registered_at >= (kafka.started_at or 0.0) - START_TIME_SLACK
+    return ours, not ours
 
 
 def _instance_volumes(mappings: Mapping[str, str], identity: InstanceIdentity, slot: int) -> tuple[VolumeView, ...]:

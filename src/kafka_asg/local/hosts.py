@@ -52,6 +52,11 @@ logger = logging.getLogger(__name__)
 
 VPC_NETNS = "kasg-vpc"
 BRIDGE = "br0"
+# The VPC router's MAC, set once: a Linux bridge without a set address takes the lowest MAC among its ports,
+# so every plugged or removed instance port could change it, and instances kept sending to the old one
+# until their ARP entries expired (tens of seconds of "IMDS timed out" / "no answer"). A VPC router's MAC
+# never changes. Locally administered, unicast, and unlike the 02:... of instance MACs.
+ROUTER_MAC = "0e:00:00:00:00:01"
 NETNS_RUN_DIR = Path("/run/netns")  # where `ip netns add` pins namespaces (ip-netns(8))
 # Routing protocol number that tags our root-namespace blackhole route, so teardown finds it without the
 # journal (rtnetlink(7): rtm_protocol values above RTPROT_STATIC are free for user daemons).
@@ -312,6 +317,7 @@ class LinuxHosts(HostMachinery):
         self._ensure_netns(ns)
         if not any(link["ifname"] == BRIDGE for link in self._links(ns)):
             self._ip(ns, "link", "add", BRIDGE, "type", "bridge")
+        self._ip(ns, "link", "set", BRIDGE, "address", ROUTER_MAC)
         self._ip(ns, "link", "set", "lo", "up")
         self._ip(ns, "link", "set", BRIDGE, "up")
         for addr in router_addresses(vpc):

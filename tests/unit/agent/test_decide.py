@@ -178,6 +178,7 @@ def test_race_lost_then_holder_alive_means_standby() -> None:
     assert d.action == NoAction()
     assert d.state == "standby"
     assert d.sentence == ("standing by: every slot of subnet-1b is held by a live instance (slot 2: i-0other)")
+    assert d.recheck == "idle"  # a live holder: the standby heartbeat, few API calls for days
 
 
 @pytest.mark.parametrize("state", ["shutting-down", "terminated", "stopping", "stopped"])
@@ -187,7 +188,8 @@ def test_holder_dying_means_wait(state: InstanceState) -> None:
     assert d.sentence == (
         f"waiting for eni-0slot2 (slot 2, 10.0.0.21): holder i-0other is {state} (waited 12s of 300s)"
     )
-    assert not d.soon  # another instance's shutdown: the normal boot pace keeps EC2 calls low
+    # Another instance's shutdown: the boot pace (not the standby heartbeat: the slot frees any second now).
+    assert d.recheck == "boot"
 
 
 def test_holder_gone_from_ec2_means_wait() -> None:
@@ -447,7 +449,7 @@ def test_kafka_waits_for_the_zookeeper_quorum(mode: str) -> None:
     d = decide(view_zk_serving(mode), CFG)
     assert d.action == NoAction()
     assert d.sentence == f"waiting: zookeeper quorum not formed (mode: {mode})"
-    assert d.soon  # this node's own server: re-checked sooner than a wait on EC2
+    assert d.recheck == "soon"  # this node's own server: re-checked sooner than a wait on EC2
 
 
 @pytest.mark.parametrize("mode", ["leader", "follower"])
@@ -459,6 +461,24 @@ def test_kafka_starts_once_zookeeper_serves(mode: str) -> None:
 
 def test_broker_not_registered_yet() -> None:
     v = view_zk_serving().but(servers={"zookeeper": server("zookeeper"), "kafka": server("kafka")})
+    assert sentence(v) == "waiting: broker 2 not registered in zookeeper yet (zookeeper follower)"
+
+
+def test_kafka_waits_while_a_predecessors_registration_lingers() -> None:
+    # A second broker 2 would fail with NodeExists (or, if the old one still lives, be its twin).
+    d = decide(view_zk_serving().but(leftover_registration=True), CFG)
+    assert d.action == NoAction()
+    assert d.sentence == (
+        "waiting: /brokers/ids/2 still holds a previous broker 2's registration (its zookeeper session has not "
+        "expired); starting kafka once it is gone"
+    )
+    assert d.recheck == "soon"
+
+
+def test_running_kafka_with_a_lingering_registration_is_not_registered() -> None:
+    v = view_zk_serving().but(
+        servers={"zookeeper": server("zookeeper"), "kafka": server("kafka")}, leftover_registration=True
+    )
     assert sentence(v) == "waiting: broker 2 not registered in zookeeper yet (zookeeper follower)"
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -192,6 +194,18 @@ def test_fresh_boot_reaches_serving(world: FakeWorld, clock: FakeClock, tmp_path
     assert tags["kafka-asg:decision"] == SERVING
 
 
+def test_state_changes_are_logged_with_the_agents_cost(
+    world: FakeWorld, clock: FakeClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kafka_asg.agent.loop")
+    node = boot(world, tmp_path, "i-first", clock)
+    run(node, clock, SERVING)
+    changes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("state ")]
+    assert len(changes) == 1
+    assert re.fullmatch(r"state booting -> serving after \d+\.\d\ds \(agent started \d+\.\d\ds ago, "
+                        r"its CPU so far 0\.00s, reaped children 0\.00s\)", changes[0])  # fmt: skip
+
+
 def test_reboot_reformats_nothing_and_keeps_ids(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
     first = boot(world, tmp_path, "i-first", clock)
     run(first, clock, SERVING)
@@ -240,6 +254,54 @@ def test_replacement_takes_over_the_slot_identity(world: FakeWorld, clock: FakeC
     assert "cluster.id=Clu5terId" in (volume_file(world, 2, "kafka-log", "meta.properties") or "")
 
 
+def test_a_predecessors_leftover_registration_is_not_taken_for_ours(
+    world: FakeWorld, clock: FakeClock, tmp_path: Path
+) -> None:
+    run(boot(world, tmp_path, "i-first", clock), clock, SERVING)
+    world.terminate("i-first")  # a power cut: its ZooKeeper session, and /brokers/ids/2, outlive it for 18 s
+    new = boot(world, tmp_path, "i-new", clock)
+    expires = clock.monotonic() + 18
+    new.services.leftover_registration = (clock.monotonic() - 30, expires)
+    new.services.registration_delay = 2.5
+    sentences = run(new, clock, SERVING)
+    leftover = (
+        "waiting: /brokers/ids/2 still holds a previous broker 2's registration (its zookeeper session has not "
+        "expired); starting kafka once it is gone"
+    )
+    assert leftover in sentences
+    started = sentences.index("starting kafka (broker 2, 10.0.0.21:9095)")
+    assert sentences.index(leftover) < started  # kafka is not started into NodeExists
+    kafka_started = new.services.servers["kafka"].started_at
+    assert kafka_started is not None and kafka_started >= expires
+    assert sentences[started + 1 : started + 4] == [
+        "waiting: broker 2 not registered in zookeeper yet (zookeeper follower)",
+        "waiting: broker 2 not registered in zookeeper yet (zookeeper follower)",
+        "no action: zookeeper follower, broker 2 registered",
+    ]
+
+
+def test_a_registration_older_than_the_running_kafka_is_not_its_own(
+    world: FakeWorld, clock: FakeClock, tmp_path: Path
+) -> None:
+    """Kafka already running (e.g. restarted by the agent) while a predecessor's node lingers: not registered."""
+    node = boot(world, tmp_path, "i-first", clock)
+    run(node, clock, SERVING)
+    node.services.leftover_registration = (clock.monotonic() - 30, clock.monotonic() + 10)
+    assert node.agent.run_cycle() == "waiting: broker 2 not registered in zookeeper yet (zookeeper follower)"
+
+
+def test_waits_on_its_own_servers_reuse_ec2_reads(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
+    node = boot(world, tmp_path, "i-first", clock)
+    node.services.registration_delay = 5.0
+    run(node, clock, "starting kafka (broker 2, 10.0.0.21:9095)")
+    before = world.calls.count("slot_enis")
+    for _ in range(5):
+        assert node.agent.run_cycle() == "waiting: broker 2 not registered in zookeeper yet (zookeeper follower)"
+        assert node.agent.interval == AgentSettings().soon_interval
+        clock.advance(0.2)
+    assert world.calls.count("slot_enis") == before + 1  # read once, reused for 0.9 s of 0.2 s waits
+
+
 def test_replacement_waits_while_the_old_holder_shuts_down(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
     run(boot(world, tmp_path, "i-first", clock), clock, SERVING)
     world.instances["i-first"] = "shutting-down"
@@ -252,8 +314,11 @@ def test_replacement_waits_while_the_old_holder_shuts_down(world: FakeWorld, clo
         "waiting for eni-0002 (slot 2, 10.0.0.21): holder i-first is shutting-down (waited 30s of 300s)"
     )
     assert new.agent.state == "standby"
+    # Looked at again at the boot pace (1 s), not the standby heartbeat (5 s): the slot frees any moment.
+    assert (new.agent.progressed, new.agent.interval) == (False, AgentSettings().booting_interval)
     world.terminate("i-first")
     assert new.agent.run_cycle() == "claimed eni-0002 (slot 2, 10.0.0.21)"
+    assert new.agent.progressed  # a claim is a step done: the next boot step follows at once
 
 
 # ------------------------------------------------------------------------------ surplus, races
@@ -266,6 +331,7 @@ def test_surplus_instance_never_starts_servers(world: FakeWorld, clock: FakeCloc
         assert surplus.agent.run_cycle() == (
             "standing by: every slot of subnet-1b is held by a live instance (slot 2: i-first)"
         )
+        assert surplus.agent.interval == AgentSettings().serving_interval
         clock.advance(5)
     assert surplus.services.events == []
     assert "i-surplus" not in world.protected
@@ -288,6 +354,7 @@ def test_lost_attach_race_then_standby(world: FakeWorld, clock: FakeClock, tmp_p
     assert (
         node.agent.run_cycle() == "lost the race for eni-0002 (slot 2, 10.0.0.21) to i-winner; re-checking next cycle"
     )
+    assert not node.agent.progressed
     assert node.agent.run_cycle() == (
         "standing by: every slot of subnet-1b is held by a live instance (slot 2: i-winner)"
     )
@@ -410,6 +477,35 @@ def test_archive_with_wrong_sha256_is_not_installed(world: FakeWorld, clock: Fak
     assert "install kafka" not in node.services.events
     assert not (node.paths.downloads_dir / "kafka_2.13-3.9.2.tgz").exists()
     assert not any(s.startswith("starting") for s in sentences)
+
+
+def test_prefetch_installs_while_the_old_holder_shuts_down(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
+    run(boot(world, tmp_path, "i-first", clock), clock, SERVING)
+    world.instances["i-first"] = "shutting-down"
+    new = boot(world, tmp_path, "i-new", clock)
+    assert new.agent.run_cycle().startswith("waiting for eni-0002 (slot 2, 10.0.0.21): holder i-first")
+    new.agent.prefetch.start()  # as the daemon does after its first cycle
+    new.agent.prefetch.result()
+    # Installed with no slot yet: the archives need none.
+    assert new.services.events == ["install zookeeper", "install kafka"]
+    world.terminate("i-first")
+    sentences = run(new, clock, SERVING)
+    assert "installing zookeeper 3.8.7 and kafka 3.9.2" in sentences
+    assert new.services.events[:3] == ["install zookeeper", "install kafka", "start zookeeper"]  # not again
+
+
+def test_prefetch_failure_is_the_install_steps_then_retried(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
+    good = world.objects[(BUCKET, CFG.kafka.archive_key)]
+    world.put_object(BUCKET, CFG.kafka.archive_key, b"tampered")
+    node = boot(world, tmp_path, "i-first", clock)
+    node.agent.prefetch.start()
+    sentences = [node.agent.run_cycle() for _ in range(15)]
+    failed = [s for s in sentences if s.startswith("failed:")]
+    assert failed and "sha256" in failed[0] and "does not match manifest.json" in failed[0]
+    assert "install kafka" not in node.services.events
+    world.put_object(BUCKET, CFG.kafka.archive_key, good)  # fixed: the next Install step runs it again, inline
+    assert run(node, clock, SERVING)[-1] == SERVING
+    assert node.services.events.count("install kafka") == 1
 
 
 def test_tags_are_reported_on_change_and_as_heartbeat(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:

@@ -1,0 +1,77 @@
+"""``RecentReads``: the agent's EC2 reads, reused for a moment while it waits on its own servers.
+
+While ZooKeeper joins the quorum and Kafka registers, the loop looks every ``soon_interval`` (0.2 s); the
+EC2 side (slot ENIs, slot volumes, holders) does not change meanwhile unless the agent changes it itself, and
+describing it five times a second was most of the agent's CPU during a boot. Reads are reused for at most
+``max_age`` seconds, which is below the boot pace (a wait on EC2 or another instance always reads afresh),
+and forgotten after every step the agent executes (its own attach or claim is read back at once). EC2's
+Describe* calls are eventually consistent on that scale anyway (EC2 API reference, "Eventual consistency").
+Fencing is unaffected in kind: a lost slot is seen at most ``max_age`` later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from kafka_asg.agent.ports import Cloud, EniView, InstanceState, VolumeView
+
+T = TypeVar("T")
+
+
+class RecentReads(Cloud):
+    """Reads of ``cloud`` reused for ``max_age`` seconds (by ``clock``); writes pass straight through."""
+
+    def __init__(self, cloud: Cloud, clock: Callable[[], float], max_age: float) -> None:
+        self.cloud = cloud
+        self.clock = clock
+        self.max_age = max_age
+        self._cache: dict[Hashable, tuple[float, object]] = {}
+
+    def forget(self) -> None:
+        self._cache.clear()
+
+    def _read(self, key: Hashable, fetch: Callable[[], T]) -> T:
+        now = self.clock()
+        hit = self._cache.get(key)
+        if hit is not None and now - hit[0] < self.max_age:
+            return hit[1]  # type: ignore[return-value]  # stored by this method under this key
+        value = fetch()
+        self._cache[key] = (now, value)
+        return value
+
+    # reads ---------------------------------------------------------------------------------------------
+    def slot_enis(self, cluster: str, subnet_id: str) -> Sequence[EniView]:
+        return self._read(("enis", cluster, subnet_id), lambda: self.cloud.slot_enis(cluster, subnet_id))
+
+    def slot_volumes(self, cluster: str, slot: int) -> Sequence[VolumeView]:
+        return self._read(("volumes", cluster, slot), lambda: self.cloud.slot_volumes(cluster, slot))
+
+    def instance_volumes(self, instance_id: str) -> Mapping[str, str]:
+        return self._read(("instance volumes", instance_id), lambda: self.cloud.instance_volumes(instance_id))
+
+    def instance_state(self, instance_id: str) -> InstanceState | None:
+        return self._read(("state", instance_id), lambda: self.cloud.instance_state(instance_id))
+
+    # writes and objects: never cached ----------------------------------------------------------------------
+    def attach_eni(self, eni_id: str, instance_id: str, device_index: int) -> None:
+        self.forget()
+        self.cloud.attach_eni(eni_id, instance_id, device_index)
+
+    def attach_volume(self, volume_id: str, instance_id: str, device: str) -> None:
+        self.forget()
+        self.cloud.attach_volume(volume_id, instance_id, device)
+
+    def set_scale_in_protection(self, asg_name: str, instance_id: str, protected: bool) -> None:
+        self.forget()
+        self.cloud.set_scale_in_protection(asg_name, instance_id, protected)
+
+    def report(self, instance_id: str, tags: Mapping[str, str]) -> None:
+        self.cloud.report(instance_id, tags)
+
+    def get_object(self, bucket: str, key: str) -> bytes:
+        return self.cloud.get_object(bucket, key)
+
+    def download(self, bucket: str, key: str, dest: Path) -> None:
+        self.cloud.download(bucket, key, dest)

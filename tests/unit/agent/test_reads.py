@@ -1,0 +1,54 @@
+"""RecentReads: EC2 reads reused for a moment during "soon" waits, forgotten on every write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kafka_asg.agent.fakes import FakeClock, FakeCloud, FakeWorld
+from kafka_asg.agent.reads import RecentReads
+
+
+def make() -> tuple[FakeWorld, FakeClock, RecentReads]:
+    world = FakeWorld()
+    world.add_eni("c", 2, "10.0.0.21", "subnet-1b")
+    world.add_volume("c", 2, "zk-data", "eu-west-1b")
+    world.instances["i-self"] = "running"
+    clock = FakeClock()
+    return world, clock, RecentReads(FakeCloud(world), clock.monotonic, max_age=0.9)
+
+
+def test_reads_are_reused_within_max_age_then_read_again() -> None:
+    world, clock, reads = make()
+    first = reads.slot_enis("c", "subnet-1b")
+    clock.advance(0.5)
+    assert reads.slot_enis("c", "subnet-1b") == first
+    assert world.calls.count("slot_enis") == 1
+    clock.advance(0.5)
+    reads.slot_enis("c", "subnet-1b")
+    assert world.calls.count("slot_enis") == 2
+
+
+def test_different_arguments_are_different_reads() -> None:
+    world, _, reads = make()
+    reads.slot_enis("c", "subnet-1b")
+    reads.slot_enis("c", "subnet-1c")
+    assert world.calls.count("slot_enis") == 2
+
+
+def test_a_write_forgets_everything_read() -> None:
+    world, _, reads = make()
+    assert reads.slot_enis("c", "subnet-1b")[0].attached_to is None
+    reads.attach_eni("eni-0002", "i-self", 1)
+    # Read back at once: the claim is checked against what EC2 says now, never against a cached read.
+    assert reads.slot_enis("c", "subnet-1b")[0].attached_to == "i-self"
+    assert world.calls.count("slot_enis") == 2
+
+
+def test_objects_and_reports_are_never_cached(tmp_path: Path) -> None:
+    world, _, reads = make()
+    world.put_object("b", "k", b"one")
+    assert reads.get_object("b", "k") == b"one"
+    world.put_object("b", "k", b"two")
+    assert reads.get_object("b", "k") == b"two"
+    reads.download("b", "k", tmp_path / "k")
+    assert (tmp_path / "k").read_bytes() == b"two"
