@@ -96,6 +96,25 @@ def test_configure_nic_is_idempotent_and_routes_replies_via_the_eni(netns: str, 
     assert ip_json(netns, "route", "get", peer)[0]["dev"] == "eth0"
 
 
+def test_a_found_nic_is_reused_for_a_moment_and_forgotten_on_configure(netns: str, tmp_path: Path) -> None:
+    now = [100.0]
+    host = LinuxHost(
+        AgentPaths(root=tmp_path), command_prefix=("nsenter", f"--net=/run/netns/{netns}"), nic_max_age=0.9,
+        clock=lambda: now[0],
+    )  # fmt: skip
+    first = host.nic_by_mac(ENI_MAC)
+    assert first is not None and not first.up
+    run("ip", "-n", netns, "link", "set", "ens6", "up")  # changed behind the agent's back
+    now[0] += 0.5
+    assert host.nic_by_mac(ENI_MAC) == first  # reused: within 0.9 s
+    now[0] += 0.5
+    seen = host.nic_by_mac(ENI_MAC)
+    assert seen is not None and seen.up  # read again
+    host.configure_nic("ens6", FIXED_IP, SUBNET, TABLE)
+    configured = host.nic_by_mac(ENI_MAC)  # same moment, but configure_nic forgot it
+    assert configured is not None and configured.addresses == (FIXED_IP,)
+
+
 def test_configure_nic_rejects_an_ip_outside_the_subnet(netns: str, tmp_path: Path) -> None:
     host = LinuxHost(AgentPaths(root=tmp_path), command_prefix=("nsenter", f"--net=/run/netns/{netns}"))
     with pytest.raises(HostError, match="not in"):

@@ -106,7 +106,7 @@ class AgentSettings:
 
     booting_interval: float = 1.0
     soon_interval: float = 0.2  # a wait on this node's own devices or servers (pace "soon")
-    soon_ec2_reads_max_age: float = 0.9  # EC2 reads reused across "soon" waits (agent/reads.py); < booting
+    soon_reads_max_age: float = 0.9  # EC2 and NIC reads reused across "soon" waits (agent/reads.py); < booting
     serving_interval: float = 5.0  # also standby and refused
     heartbeat_seconds: float = 60.0  # report() at least this often, even when nothing changed
     report_min_interval: float = 10.0  # a changed sentence alone is reported at most this often
@@ -230,7 +230,7 @@ class Agent:
         self._stop = threading.Event()
         self._last_bug: str | None = None
         self.prefetch = Prefetch(self._download_and_unpack)
-        self.reads = RecentReads(cloud, self.clock.monotonic, self.settings.soon_ec2_reads_max_age)
+        self.reads = RecentReads(cloud, self.clock.monotonic, self.settings.soon_reads_max_age)
 
     # ----------------------------------------------------------------------------------- cycle
     def run_cycle(self) -> str:

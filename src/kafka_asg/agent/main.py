@@ -81,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kafka_asg.agent.aws import AwsCloud
     from kafka_asg.agent.imds import HttpImds
     from kafka_asg.agent.linux import LinuxHost
-    from kafka_asg.agent.loop import Agent
+    from kafka_asg.agent.loop import Agent, AgentSettings
     from kafka_asg.agent.servers import ProcessServices
     from kafka_asg.config import config_from_document
 
@@ -99,13 +99,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         zookeeper_config=base / "zookeeper.config",
         kafka_config=base / "kafka.config",
     )
+    settings = AgentSettings()
     agent = Agent(
         cfg=cfg,
         imds=HttpImds(args.imds_url),
         cloud=cloud,
-        host=LinuxHost(paths),
+        host=LinuxHost(paths, nic_max_age=settings.soon_reads_max_age),
         services=ProcessServices(paths),
         paths=paths,
+        settings=settings,
     )
     if args.once:
         print(agent.run_cycle())
