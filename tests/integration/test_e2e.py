@@ -67,6 +67,15 @@ def verified() -> bool:
     return done.returncode == 0
 
 
+def metadata_views() -> str:
+    """Each broker's own view of the cluster (its metadata cache), for a failure message."""
+    views = []
+    for address in BOOTSTRAP.split(","):
+        seen = bastion(f"kcat -b {address} -L -m 5 2>&1 | grep -E 'broker|controller' | head -5")
+        views.append(f"{address}: {seen.stdout.strip()!r}")
+    return "\n".join(views)
+
+
 def holder(slot: int) -> str:
     (row,) = [r for r in status() if r["slot"] == slot]
     return str(row["instance"])
@@ -217,8 +226,12 @@ def _autoscaling(cfg: ClusterConfig) -> Any:
 
 def test_replacement_takes_over_slot_2_and_keeps_every_message(cluster: ClusterConfig) -> None:
     topic = "before-kill"
+    # The tests before this one rebooted slot 1 and scaled the group; the cluster must be whole again (every broker
+    # in every broker's metadata) before an RF 3 topic can be created. Once (in CI, under load) a produce here
+    # still met "Invalid replication factor"; the failure message now shows each broker's view.
+    wait_for("the cluster to verify before the kill", verified, timeout=240, interval=5)
     produce = bastion(f"seq 1 500 | sed 's/^/m-/' | kcat -P -b {BOOTSTRAP} -t {topic} -X acks=all", 120)
-    assert produce.returncode == 0, produce.stderr
+    assert produce.returncode == 0, produce.stderr[-500:] + "\n" + metadata_views() + "\n" + str(status())
     old = holder(2)
     kafka_asg("local", "kill", "2")
     new = wait_for("a new holder of slot 2", lambda: holder(2) not in ("-", old) and holder(2), timeout=420)
