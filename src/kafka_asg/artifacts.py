@@ -89,7 +89,8 @@ KAFKA4_LOG_BACKEND = tuple(
 DISTINCT_SAME_STEM = frozenset({"metrics-core"})
 
 # The agent's runtime dependencies, pinned from requirements.lock (moto, flask and dev tools stay out).
-AGENT_REQUIREMENTS = ("boto3", "botocore", "s3transfer", "jmespath", "python-dateutil", "six", "urllib3", "kazoo")
+# The agent uses botocore's clients directly (agent/aws.py): no boto3, no s3transfer in the zipapp.
+AGENT_REQUIREMENTS = ("botocore", "jmespath", "python-dateutil", "six", "urllib3", "kazoo")
 # Services the agent calls; botocore/data is pruned to these (plus its top-level files: endpoints.json,
 # partitions.json, sdk-default-configuration.json, _retry.json, which botocore reads at import/client creation).
 AGENT_AWS_SERVICES = ("ec2", "autoscaling", "s3", "sts")
@@ -564,8 +565,6 @@ def build_agent(cache: CachePaths, root: Path, progress: Progress = _log_progres
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         shutil.rmtree(site / "kazoo" / "tests", ignore_errors=True)
         freed = prune_botocore_data(site / "botocore" / "data", AGENT_AWS_SERVICES)
-        if (site / "boto3" / "data").is_dir():
-            freed += prune_botocore_data(site / "boto3" / "data", AGENT_AWS_SERVICES)
         # Bytecode in the zipapp: a new instance would otherwise compile every module it imports (botocore
         # is large) on each boot. unchecked-hash: shiv's extraction does not keep mtimes, so timestamp-checked
         # .pyc files would be ignored; the zipapp never changes under its hash-named extraction dir.

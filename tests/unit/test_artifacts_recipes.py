@@ -150,10 +150,8 @@ def test_agent_requirements_pins_exactly_the_runtime_set() -> None:
             "urllib3==2.8.0  # comment",
         ]
     )
-    assert agent_requirements(lock) == [
-        "boto3==1.44.8",
+    assert agent_requirements(lock) == [  # no boto3, no s3transfer: the agent uses botocore's clients
         "botocore==1.44.8",
-        "s3transfer==0.19.3",
         "jmespath==1.1.0",
         "python-dateutil==2.9.0.post0",
         "six==1.17.0",

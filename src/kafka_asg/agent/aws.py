@@ -1,4 +1,8 @@
-"""The agent's :class:`~kafka_asg.agent.ports.Cloud` on boto3: EC2, Auto Scaling and S3.
+"""The agent's :class:`~kafka_asg.agent.ports.Cloud` on botocore (boto3's core): EC2, Auto Scaling and S3.
+
+botocore clients, not boto3's: the agent calls client methods only, and boto3 adds nothing to them but an import
+of s3transfer and its resource layer, about 0.1 s of CPU on every new instance's boot (the operator side, which
+does not boot with every node, uses boto3).
 
 Every botocore error is translated here, at the boundary (amazon.aws ``AWSErrorHandler`` style):
 
@@ -9,7 +13,7 @@ Every botocore error is translated here, at the boundary (amazon.aws ``AWSErrorH
   :class:`~kafka_asg.retry.Retry` (botocore's own retries are off: one retry policy);
 - anything else -> :class:`CloudError` carrying the AWS code.
 
-Credentials and endpoint come the usual boto3 way: the instance role through IMDS, and ``AWS_ENDPOINT_URL``
+Credentials and endpoint come the usual SDK way: the instance role through IMDS, and ``AWS_ENDPOINT_URL``
 (the rehearsal's local API) when set.
 """
 
@@ -21,7 +25,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-import boto3
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -80,10 +84,10 @@ def _tags(item: Mapping[str, Any]) -> dict[str, str]:
 
 
 class AwsCloud(Cloud):
-    """boto3 clients for one region.
+    """botocore clients for one region.
 
     :param region: the instance's region (from IMDS).
-    :param endpoint_url: overrides ``AWS_ENDPOINT_URL``; None lets boto3 read the environment.
+    :param endpoint_url: overrides ``AWS_ENDPOINT_URL``; None lets botocore read the environment.
     :param retry: the policy for transient failures of every call.
     """
 
@@ -96,19 +100,25 @@ class AwsCloud(Cloud):
     def _connect(self) -> None:
         """(Re)build the clients. botocore resolves credentials once, when a client is created: a client made
         while the role's credentials were not yet in IMDS stays without them, so a miss rebuilds the clients."""
-        session = boto3.session.Session(region_name=self.region)
+        session = botocore.session.Session()
         # botocore asks IMDS for role credentials once with a 1 s timeout by default; a new instance's IMDS can
         # be slower than that (https://docs.aws.amazon.com/sdkref/latest/guide/feature-imds-credentials.html).
-        session._session.set_config_variable("metadata_service_timeout", 5)
-        session._session.set_config_variable("metadata_service_num_attempts", 3)
+        session.set_config_variable("metadata_service_timeout", 5)
+        session.set_config_variable("metadata_service_num_attempts", 3)
         config = Config(
             retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=5,
             read_timeout=20,
         )
-        self.ec2: Any = session.client("ec2", endpoint_url=self.endpoint_url, config=config)
-        self.autoscaling: Any = session.client("autoscaling", endpoint_url=self.endpoint_url, config=config)
-        self.s3: Any = session.client("s3", endpoint_url=self.endpoint_url, config=config)
+
+        def client(service: str) -> Any:
+            return session.create_client(
+                service, region_name=self.region, endpoint_url=self.endpoint_url, config=config
+            )
+
+        self.ec2: Any = client("ec2")
+        self.autoscaling: Any = client("autoscaling")
+        self.s3: Any = client("s3")
 
     def _call(self, what: str, func: Callable[[], T], resource: str | None = None) -> T:
         def once() -> T:

@@ -77,7 +77,7 @@ def fetch_inputs(cloud: Cloud, bucket: str, cluster: str, paths: AgentPaths) -> 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    # Imported here so ``health`` and ``status`` never import boto3 (fast, and work without it).
+    # Imported here so ``health`` and ``status`` never import botocore (fast, and work without it).
     from kafka_asg.agent.aws import AwsCloud
     from kafka_asg.agent.imds import HttpImds
     from kafka_asg.agent.linux import LinuxHost
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("botocore", "boto3", "urllib3", "kazoo"):
+    for noisy in ("botocore", "urllib3", "kazoo"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)

@@ -80,7 +80,7 @@ class VolumeView:
 
 
 class Cloud(ABC):
-    """EC2, Auto Scaling and S3, as the agent needs them (boto3 in ``agent/aws.py``)."""
+    """EC2, Auto Scaling and S3, as the agent needs them (botocore in ``agent/aws.py``)."""
 
     @abstractmethod
     def slot_enis(self, cluster: str, subnet_id: str) -> Sequence[EniView]:
