@@ -136,14 +136,19 @@ def _shiv_env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason="no /usr/bin/python3.11 on this machine")
 def test_agent_zipapp_runs_on_system_python_with_pruned_botocore(built: ArtifactSet, tmp_path: Path) -> None:
-    bare = subprocess.run([str(SYSTEM_PYTHON), "-c", "import boto3"], capture_output=True, check=False)
-    assert bare.returncode != 0, "the system python has boto3: this test would prove nothing"
+    bare = subprocess.run([str(SYSTEM_PYTHON), "-c", "import botocore"], capture_output=True, check=False)
+    assert bare.returncode != 0, "the system python has botocore: this test would prove nothing"
     code = (
-        "import boto3, kazoo.client, kafka_asg, sys\n"
-        "for s in ('ec2', 'autoscaling', 's3', 'sts'): boto3.client(s, region_name='eu-west-1')\n"
-        "try:\n    boto3.client('sagemaker', region_name='eu-west-1')\n"
+        "import botocore.session, kazoo.client, kafka_asg, kafka_asg.agent.aws, sys\n"
+        "session = botocore.session.Session()\n"
+        "for s in ('ec2', 'autoscaling', 's3', 'sts'): session.create_client(s, region_name='eu-west-1')\n"
+        "try:\n    session.create_client('sagemaker', region_name='eu-west-1')\n"
         "except Exception as e:\n    print('pruned', type(e).__name__)\n"
-        "print(boto3.__version__, kafka_asg.__file__)\n"
+        "try:\n    import boto3\n"
+        "except ImportError:\n    print('no boto3')\n"
+        "try:\n    import kafka_asg.cli\n"
+        "except ImportError:\n    print('no cli')\n"
+        "print(kafka_asg.__file__)\n"
     )
     proc = subprocess.run(
         [str(SYSTEM_PYTHON), str(built.agent.path), "-c", code],
@@ -155,6 +160,7 @@ def test_agent_zipapp_runs_on_system_python_with_pruned_botocore(built: Artifact
     )
     assert proc.returncode == 0, proc.stderr
     assert "pruned UnknownServiceError" in proc.stdout
+    assert "no boto3" in proc.stdout and "no cli" in proc.stdout  # the agent's modules and botocore only
     assert "kafka-asg-agent.pyz" in proc.stdout  # kafka_asg came from the zipapp, not the checkout
     assert built.agent.path.read_bytes().startswith(b"#!/usr/bin/env python3\n")
 

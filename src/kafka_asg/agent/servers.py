@@ -281,6 +281,12 @@ class ProcessServices(Services):
         # The leader is gone; children it left in the group would hold ports and files.
         if _group_exists(pgid):
             _signal_group(pgid, signal.SIGKILL)
+            # SIGKILL is delivered, not done: wait until no member still runs (zombies are init's to reap).
+            try:
+                wait_until(f"{name}'s process group to die", lambda: not _group_running(pgid),
+                           deadline=KILL_WAIT_SECONDS, interval=0.02)  # fmt: skip
+            except Unavailable as exc:
+                raise ServiceError(f"{name}: a process of group {pgid} survived SIGKILL ({exc})") from exc
         del self._running[name]
         self._pid_file(name).unlink(missing_ok=True)
         # A deliberate stop is not a crash: the next start has no backoff.
@@ -430,6 +436,18 @@ def _same_network_namespace(pid: int) -> bool:
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running, zombies not counted (proc(5): state, ppid, pgrp)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
 
 
 def _group_exists(pgid: int) -> bool:
