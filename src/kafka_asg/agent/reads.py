@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from kafka_asg.agent.ports import Cloud, EniView, InstanceState, VolumeView
 
@@ -36,7 +36,7 @@ class RecentReads(Cloud):
         now = self.clock()
         hit = self._cache.get(key)
         if hit is not None and now - hit[0] < self.max_age:
-            return hit[1]  # type: ignore[return-value]  # stored by this method under this key
+            return cast(T, hit[1])  # stored by this method under this key, from the same fetch
         value = fetch()
         self._cache[key] = (now, value)
         return value
