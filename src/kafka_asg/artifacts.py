@@ -188,37 +188,31 @@ def kafka_recipe(version: str) -> MavenRecipe:
         raise ConfigError(
             [f"kafka.version = {version!r}: only Kafka 3.x (ZooKeeper mode) archives can be built; use 3.9.2"]
         )
-    name = f"kafka_{SCALA_VERSION}-{version}"
-    return MavenRecipe(
-        archive_name=f"{name}.tgz",
-        top_dir=name,
-        lib_dir="libs",
-        data="kafka",
-        parent=None,
-        dependencies=(
-            Coordinate("org.apache.kafka", f"kafka_{SCALA_VERSION}", version),
-            # The admin CLIs (TopicCommand, ConsoleConsumer) live in kafka-tools since 3.5-3.7.
-            Coordinate("org.apache.kafka", "kafka-tools", version),
-            *(Coordinate(g, a, v) for g, a, v in KAFKA3_LOG_BACKEND),
-        ),
-    )
+    return _kafka_distribution(version, data="kafka", log_backend=KAFKA3_LOG_BACKEND)
 
 
 def kraft_kafka_recipe(version: str = KRAFT_KAFKA_VERSION) -> MavenRecipe:
     """Kafka 4.x for KRaft mode: the same official layout as 3.x, Log4j2 configs and KRaft tools (kafka-storage)."""
     if not version.startswith("4."):
         raise ConfigError([f"KRaft Kafka version {version!r}: only Kafka 4.x archives are built here; use 4.4.0"])
+    return _kafka_distribution(version, data="kafka4", log_backend=KAFKA4_LOG_BACKEND)
+
+
+def _kafka_distribution(version: str, *, data: str, log_backend: Iterable[tuple[str, str, str]]) -> MavenRecipe:
+    """Apache's layout (``kafka_<scala>-<version>/libs``): the broker, the admin tools and a logging backend;
+    ``data`` names the bin/ and config/ files under artifacts_data/."""
     name = f"kafka_{SCALA_VERSION}-{version}"
     return MavenRecipe(
         archive_name=f"{name}.tgz",
         top_dir=name,
         lib_dir="libs",
-        data="kafka4",
+        data=data,
         parent=None,
         dependencies=(
             Coordinate("org.apache.kafka", f"kafka_{SCALA_VERSION}", version),
+            # The admin CLIs (TopicCommand, ConsoleConsumer) live in kafka-tools since 3.5-3.7.
             Coordinate("org.apache.kafka", "kafka-tools", version),
-            *(Coordinate(g, a, v) for g, a, v in KAFKA4_LOG_BACKEND),
+            *(Coordinate(g, a, v) for g, a, v in log_backend),
         ),
     )
 

@@ -16,7 +16,15 @@ from kafka_asg.config import CLUSTER_TAG, ROLE_TAG, SLOT_TAG, ClusterConfig
 from kafka_asg.errors import CloudError, ConfigError, NotFoundError, Unavailable
 from kafka_asg.provision.clients import AWS_RETRY, AwsClients, call, call_or_none
 from kafka_asg.provision.inputs import ProvisionInputs
-from kafka_asg.provision.observe import account, cluster_filter, cluster_volumes, find_network, object_keys, observe
+from kafka_asg.provision.observe import (
+    account,
+    cluster_filter,
+    cluster_volumes,
+    find_network,
+    object_keys,
+    observe,
+    security_groups,
+)
 from kafka_asg.provision.plan import (
     ASSUME_ROLE_POLICY,
     MAINTENANCE_POLICY,
@@ -528,7 +536,7 @@ def down(
         progress("VPC or subnets not found: no security group left to delete")
         found = []
     else:
-        found = list(_groups_in(cfg, clients, network.vpc_id))
+        found = security_groups(cfg, clients, network.vpc_id)
     for group in found:
         gid = group["GroupId"]
         # DependencyViolation while a terminated instance's NIC still references the group: retry, bounded.
@@ -550,20 +558,6 @@ def down(
 
     _delete_bucket(cfg, clients, progress)
     progress("down: done")
-
-
-def _groups_in(cfg: ClusterConfig, clients: AwsClients, vpc_id: str) -> list[Any]:
-    return list(
-        call(
-            "describe security group",
-            lambda: clients.ec2.describe_security_groups(
-                Filters=[
-                    {"Name": "vpc-id", "Values": [vpc_id]},
-                    {"Name": "group-name", "Values": [cfg.security_group_name]},
-                ]
-            )["SecurityGroups"],
-        )
-    )
 
 
 def _delete_bucket(cfg: ClusterConfig, clients: AwsClients, progress: Progress) -> None:

@@ -105,16 +105,23 @@ def _rules(perms: Sequence[IpPermissionOutputTypeDef], own_id: str) -> frozenset
     return frozenset(rules)
 
 
-def _security_group(cfg: ClusterConfig, clients: AwsClients, vpc_id: str) -> SecurityGroupState | None:
-    groups = call(
-        "describe security group",
-        lambda: clients.ec2.describe_security_groups(
-            Filters=[
-                {"Name": "vpc-id", "Values": [vpc_id]},
-                {"Name": "group-name", "Values": [cfg.security_group_name]},
-            ]
-        )["SecurityGroups"],
+def security_groups(cfg: ClusterConfig, clients: AwsClients, vpc_id: str) -> list[Any]:
+    """The cluster's security group(s) in the VPC, found by name (EC2's describe shape)."""
+    return list(
+        call(
+            "describe security group",
+            lambda: clients.ec2.describe_security_groups(
+                Filters=[
+                    {"Name": "vpc-id", "Values": [vpc_id]},
+                    {"Name": "group-name", "Values": [cfg.security_group_name]},
+                ]
+            )["SecurityGroups"],
+        )
     )
+
+
+def _security_group(cfg: ClusterConfig, clients: AwsClients, vpc_id: str) -> SecurityGroupState | None:
+    groups = security_groups(cfg, clients, vpc_id)
     if not groups:
         return None
     group = groups[0]
