@@ -1,9 +1,9 @@
 """``kafka-asg verify``: the seed's ``echo srvr | nc IP 2181`` check, done right, plus a Kafka round trip.
 
 ``srvr`` answers (and ``nc`` exits 0) even when a server is not in a quorum, so the *answer* is read: every slot
-must say ``Mode: leader`` or ``Mode: follower``, with exactly one leader. Then every broker must be in the
-cluster metadata at its fixed IP, a topic is created (RF 3, the base config's ``num.partitions``), N messages are
-produced with ``acks=all`` and all N consumed back. Probes run through a :class:`ProbeRunner`: in the rehearsal,
+must say ``Mode: leader`` or ``Mode: follower``, with exactly one leader. Then every broker must be in every
+broker's metadata at its fixed IP, a topic is created (RF 3, the base config's ``num.partitions``), N messages
+are produced with ``acks=all`` and all N consumed back. Probes run through a :class:`ProbeRunner`: in the rehearsal,
 the bastion namespace (the root namespace never talks to rehearsal addresses); on AWS, this host, which must
 then be inside the VPC.
 """
@@ -83,6 +83,13 @@ def brokers_from_metadata(kcat_json: str) -> dict[int, str]:
     return {int(b["id"]): str(b["name"]) for b in data.get("brokers", [])}
 
 
+def broker_view(kcat_json: str) -> tuple[int | None, dict[int, str]]:
+    """``kcat -L -J`` → (the id of the broker that answered, the brokers in its metadata)."""
+    origin = json.loads(kcat_json).get("originating_broker") or {}
+    answered_by = int(origin["id"]) if "id" in origin else None
+    return answered_by, brokers_from_metadata(kcat_json)
+
+
 def broker_problems(cfg: ClusterConfig, brokers: Mapping[int, str]) -> list[str]:
     problems = []
     for slot in cfg.slots:
@@ -118,13 +125,26 @@ def check_quorum(cfg: ClusterConfig, run: ProbeRunner) -> dict[int, str]:
     return modes
 
 
-def check_brokers(cfg: ClusterConfig, run: ProbeRunner, bootstrap: str) -> dict[int, str]:
-    probe = run(["kcat", "-b", bootstrap, "-L", "-J", "-m", "10"], 30)
-    if probe.returncode != 0:
-        raise VerifyFailed(f"kafka metadata: kcat -L failed: {probe.stderr.strip()}")
-    brokers = brokers_from_metadata(probe.stdout)
-    if problems := broker_problems(cfg, brokers):
-        raise VerifyFailed("kafka brokers: " + "; ".join(problems))
+def check_brokers(cfg: ClusterConfig, run: ProbeRunner) -> dict[int, str]:
+    """Every broker must list every slot's broker at its fixed IP *in its own metadata*.
+
+    Each broker answers metadata requests from its own cache, which the controller updates after a broker joins
+    (Kafka docs, "Broker Configs": auto-created topics take ``default.replication.factor``); a broker whose cache
+    still lacks a rejoined broker refuses to auto-create an RF 3 topic ("Invalid replication factor"), so one
+    broker's view is not enough.
+    """
+    brokers: dict[int, str] = {}
+    for slot in cfg.slots:
+        address = f"{slot.ip}:{cfg.ports.kafka}"
+        probe = run(["kcat", "-b", address, "-L", "-J", "-m", "10"], 30)
+        if probe.returncode != 0:
+            raise VerifyFailed(f"kafka metadata from broker {slot.number}: kcat -L failed: {probe.stderr.strip()}")
+        answered_by, view = broker_view(probe.stdout)
+        if answered_by != slot.number:
+            raise VerifyFailed(f"kafka metadata from {address}: answered by broker {answered_by}, not {slot.number}")
+        if problems := broker_problems(cfg, view):
+            raise VerifyFailed(f"kafka brokers, as broker {slot.number} sees them: " + "; ".join(problems))
+        brokers = view
     return brokers
 
 
@@ -151,7 +171,7 @@ def verify(
     say("zookeeper: " + ", ".join(f"{slot} {mode}" for slot, mode in sorted(modes.items())))
 
     bootstrap = ",".join(f"{s.ip}:{cfg.ports.kafka}" for s in cfg.slots)
-    brokers = settled("kafka brokers", lambda: check_brokers(cfg, run, bootstrap), settle_seconds)
+    brokers = settled("kafka brokers", lambda: check_brokers(cfg, run), settle_seconds)
     say("kafka: brokers " + ", ".join(f"{i}@{h}" for i, h in sorted(brokers.items())))
 
     partitions = int(read_properties(cfg.kafka_config.read_text()).get("num.partitions", "1"))

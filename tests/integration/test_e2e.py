@@ -76,6 +76,19 @@ def metadata_views() -> str:
     return "\n".join(views)
 
 
+def broker_log_evidence() -> str:
+    """What each broker's own logs say about brokers joining and leaving and refused topic creations."""
+    pattern = (
+        "InvalidReplicationFactor|larger than available|Newly added brokers|Broker failure|bounced|Registered broker"
+    )
+    parts = []
+    for slot in (1, 2, 3):
+        instance = holder(slot)
+        seen = instance_exec(instance, f"grep -hE '{pattern}' /var/log/kafka-asg/kafka/*.log | tail -12")
+        parts.append(f"slot {slot} ({instance}):\n{seen.stdout.decode(errors='replace')}")
+    return "\n".join(parts)
+
+
 def holder(slot: int) -> str:
     (row,) = [r for r in status() if r["slot"] == slot]
     return str(row["instance"])
@@ -182,10 +195,17 @@ def test_a_reboot_reformats_nothing_and_keeps_the_ids(cluster: ClusterConfig) ->
     assert before.count("-") >= 3 * 4, before  # three filesystem UUIDs
     assert before.endswith("1\nbroker.id=1\n"), before
     reboot(cluster, instance)
-    wait_for("slot 1 serving again after the reboot", all_slots_serving, timeout=300)
+
+    def since_reboot() -> str:
+        return instance_exec(instance, "sed -n '/--- reboot ---/,$p' /var/log/kafka-asg/agent.log").stdout.decode()
+
+    # The instance tags still say "serving" from before the reboot until the new agent's first cycle reports: wait
+    # for the new agent's own word, else the next tests start while broker 1's old session is still expiring.
+    wait_for("slot 1's agent serving again after the reboot", lambda: "-> serving" in since_reboot(), timeout=300)
+    wait_for("every slot serving", all_slots_serving, timeout=120)
     assert holder(1) == instance
     assert disk_identity(instance) == before
-    log = instance_exec(instance, "sed -n '/--- reboot ---/,$p' /var/log/kafka-asg/agent.log").stdout.decode()
+    log = since_reboot()
     assert "mounting" in log and "making a filesystem" not in log, log[-3000:]
 
 
@@ -227,11 +247,13 @@ def _autoscaling(cfg: ClusterConfig) -> Any:
 def test_replacement_takes_over_slot_2_and_keeps_every_message(cluster: ClusterConfig) -> None:
     topic = "before-kill"
     # The tests before this one rebooted slot 1 and scaled the group; the cluster must be whole again (every broker
-    # in every broker's metadata) before an RF 3 topic can be created. Once (in CI, under load) a produce here
-    # still met "Invalid replication factor"; the failure message now shows each broker's view.
+    # in every broker's metadata, which verify checks broker by broker) before a broker can auto-create an RF 3
+    # topic. Should a produce still meet "Invalid replication factor", the message shows each broker's view and logs.
     wait_for("the cluster to verify before the kill", verified, timeout=240, interval=5)
     produce = bastion(f"seq 1 500 | sed 's/^/m-/' | kcat -P -b {BOOTSTRAP} -t {topic} -X acks=all", 120)
-    assert produce.returncode == 0, produce.stderr[-500:] + "\n" + metadata_views() + "\n" + str(status())
+    assert produce.returncode == 0, "\n".join(
+        [produce.stderr[-500:], metadata_views(), broker_log_evidence(), str(status())]
+    )
     old = holder(2)
     kafka_asg("local", "kill", "2")
     new = wait_for("a new holder of slot 2", lambda: holder(2) not in ("-", old) and holder(2), timeout=420)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import pytest
@@ -13,6 +14,7 @@ from kafka_asg.verify import (
     ProbeRunner,
     VerifyFailed,
     brokers_from_metadata,
+    check_brokers,
     check_quorum,
     quorum_problems,
     settled,
@@ -104,3 +106,42 @@ def test_the_quorum_check_fails_with_the_last_problem_after_the_deadline() -> No
     run, _ = _runner(["This ZooKeeper instance is not currently serving requests\n"])
     with pytest.raises(VerifyFailed, match=r"^ZooKeeper quorum: slot 1: ZooKeeper not serving; slot 2"):
         settled("zookeeper quorum", lambda: check_quorum(seed_config(), run), deadline=1.5)
+
+
+def _metadata(answered_by: int, brokers: dict[int, str]) -> str:
+    return json.dumps(
+        {
+            "originating_broker": {"id": answered_by, "name": f"{brokers.get(answered_by, '?')}/{answered_by}"},
+            "brokers": [{"id": i, "name": name} for i, name in brokers.items()],
+        }
+    )
+
+
+WHOLE = {1: "10.0.0.53:9095", 2: "10.0.0.21:9095", 3: "10.0.0.37:9095"}
+
+
+def test_every_broker_must_know_every_broker() -> None:
+    # Broker 3's cache still lacks the rejoined broker 1: it would refuse to auto-create an RF 3 topic.
+    stale = {2: WHOLE[2], 3: WHOLE[3]}
+    run, calls = _runner([_metadata(1, WHOLE), _metadata(2, WHOLE), _metadata(3, stale)])
+    with pytest.raises(
+        VerifyFailed,
+        match=r"^kafka brokers, as broker 3 sees them: broker 1: expected at "
+        r"10\.0\.0\.53:9095, metadata says not registered$",
+    ):
+        check_brokers(seed_config(), run)
+    assert calls == [f"kcat -b {WHOLE[n]} -L -J -m 10" for n in (1, 2, 3)]
+
+
+def test_a_broker_view_must_come_from_that_broker() -> None:
+    run, _ = _runner([_metadata(2, WHOLE)])
+    with pytest.raises(VerifyFailed, match=r"^kafka metadata from 10\.0\.0\.53:9095: answered by broker 2, not 1$"):
+        check_brokers(seed_config(), run)
+
+
+def test_the_broker_check_lets_a_lagging_cache_catch_up() -> None:
+    stale = {2: WHOLE[2], 3: WHOLE[3]}
+    answers = [_metadata(1, WHOLE), _metadata(2, stale), _metadata(1, WHOLE), _metadata(2, WHOLE), _metadata(3, WHOLE)]
+    run, calls = _runner(answers)
+    assert settled("kafka brokers", lambda: check_brokers(seed_config(), run), deadline=10) == WHOLE
+    assert len(calls) == 5
