@@ -8,10 +8,11 @@ Measures, on a cold local region with real ZooKeeper and Kafka:
    again, and the part of it spent waiting for EC2 to release the old instance's ENI and volumes (the region's
    ``detach_delay``);
 4. boot overhead on each replacement: (instance running, i.e. its user data started → member healthy, minus the
-   wait for the old holder) divided by (the same JVMs started by hand on the already-rendered config, in the
-   same namespace, until ZooKeeper is in the quorum and the broker is in the cluster metadata); and the agent's
-   own work: its CPU seconds until healthy (itself and the commands it ran), and its wall time from the claim
-   to starting ZooKeeper.
+   two waits the agent cannot hurry, each from its first sighting to the moment it ended: EC2 releasing the old
+   holder's ENI, from the region's log; ZooKeeper deleting the old broker's registration, from the controller's
+   log) divided by (the same JVMs started by hand on the already-rendered config, in the same namespace, until
+   ZooKeeper is in the quorum and Kafka logs "Registered broker"); and the agent's own work: its CPU seconds
+   until healthy (itself and the commands it ran), and its wall time from the claim to starting ZooKeeper.
 
 Results go to bench/results/cluster.json and a markdown table on stdout. Leaves the machine clean (down --local).
 """
@@ -36,7 +37,7 @@ from kafka_asg.paths import RegionPaths
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "cluster.json"
 CLI = [sys.executable, "-m", "kafka_asg.cli"]
-LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+LOG_TIME = re.compile(r"^\[?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]? ")  # ours, and Kafka's log4j
 
 
 def cli(*args: str, timeout: float = 1200) -> str:
@@ -99,9 +100,10 @@ def log_times(text: str, pattern: str) -> list[float]:
     return out
 
 
-def agent_timeline(instance: str) -> dict[str, float]:
-    """From the region's and the instance's own logs: the instance running (its user data started), the wait for
-    the old holder, the claim, ZooKeeper started, the first serving cycle, and the agent's CPU time by then."""
+def agent_timeline(instance: str, old: str) -> dict[str, float]:
+    """From the region's, the instance's and the brokers' own logs: the instance running (its user data started),
+    the two waits the agent cannot hurry, the claim, ZooKeeper started, the first serving cycle, and the agent's
+    CPU time by then."""
     region_log = (RegionPaths.default().root / "region.log").read_text()
     # The region starts the user data the moment the instance's namespace is up: "instance running".
     user_data = log_times(region_log, rf"instance {instance}: user data started")
@@ -109,16 +111,22 @@ def agent_timeline(instance: str) -> dict[str, float]:
     waits = log_times(log, r"waiting for eni-.* holder .* is (shutting-down|terminated|stopping)")
     claimed = log_times(log, r"claimed eni-")
     zk = log_times(log, r"starting zookeeper")
+    kafka = log_times(log, r"loop: starting kafka \(broker")
     healthy = log_times(log, r"no action: zookeeper (leader|follower), broker \d+ registered")
     # The agent logs its CPU (all threads) when it turns serving, and that of the children it reaped (the
     # commands it ran: mkfs, mount, blkid, ip; and a server that exited, if one did).
     cpu = re.search(r"state booting -> serving after .* its CPU so far (\d+\.\d+)s, reaped children (\d+\.\d+)s", log)
-    assert user_data and claimed and zk and healthy and cpu, log[-3000:]
+    assert user_data and claimed and zk and kafka and healthy and cpu, log[-3000:]
     leftover = log_times(log, r"waiting: /brokers/ids/\d+ still holds a previous broker")
-    # Waits on what the agent cannot hurry: EC2 releasing the old holder's ENI, ZooKeeper expiring the old
-    # broker's session. Counted strictly, first to last sighting: noticing the end late stays the agent's.
-    claim_wait = (waits[-1] - waits[0]) if waits else 0.0
-    session_wait = (leftover[-1] - leftover[0]) if leftover else 0.0
+    # The waits on what the agent cannot hurry, from its first sighting to the moment the thing happened:
+    # EC2 (the region) releasing the old holder's ENI and volumes; ZooKeeper expiring the old broker's session
+    # (the ZooKeeper leader logs it). Noticing either late is the agent's time.
+    released = log_times(region_log, rf"{old} terminated; its surviving ENIs and volumes are available")
+    claim_wait = max(0.0, released[-1] - waits[0]) if waits and released else 0.0
+    session_wait = 0.0
+    if leftover:
+        expired = [t for t in session_expiries() if leftover[0] <= t <= kafka[0]]
+        session_wait = (expired[-1] if expired else leftover[-1]) - leftover[0]
     return {
         "user_data_to_healthy_s": round(healthy[0] - user_data[0], 2),
         "claim_wait_s": round(claim_wait, 2),
@@ -127,6 +135,17 @@ def agent_timeline(instance: str) -> dict[str, float]:
         "agent_cpu_s": float(cpu.group(1)),
         "agent_children_cpu_s": float(cpu.group(2)),
     }
+
+
+def session_expiries() -> list[float]:
+    """When the ZooKeeper leader (any slot holder's server) expired a session: the last one before the new Kafka
+    started is the old broker's (its 18 s timeout outlasts the old agent's kazoo session)."""
+    times: list[float] = []
+    for row in status():
+        if row["slot"] is not None:
+            text = in_instance(str(row["instance"]), "cat /var/log/kafka-asg/zookeeper/*.log 2>/dev/null || true")
+            times.extend(log_times(text, r"Expiring session 0x[0-9a-f]+, timeout of"))
+    return sorted(times)
 
 
 DIRECT = r"""
@@ -144,9 +163,11 @@ until printf srvr | nc -w 1 $IP 2181 2>/dev/null | grep -qE 'Mode: (leader|follo
 t1=$(date +%s.%N)
 KAFKA_HEAP_OPTS='-Xmx512m -Xms512m' LOG_DIR=/var/log/kafka-asg/bench setsid "$K/bin/kafka-server-start.sh" \
   /etc/kafka-asg/server.properties >/var/log/kafka-asg/bench/kafka.out 2>&1 </dev/null &
-until kcat -b $IP:9095 -L -m 2 2>/dev/null | grep -q "broker $ID at $IP:9095"; do sleep 0.1; done
-t2=$(date +%s.%N)
-echo $t0 $t1 $t2
+# Registered: Kafka's own log line, the moment the agent's watch reports (a client's metadata poll would add
+# its own retry backoff to the measure).
+until grep -q "Registered broker $ID at path" /var/log/kafka-asg/bench/server.log 2>/dev/null; do sleep 0.1; done
+echo $t0 $t1
+grep -h "Registered broker $ID at path" /var/log/kafka-asg/bench/server.log | tail -1
 """
 
 
@@ -178,7 +199,9 @@ def direct_jvm_seconds(instance: str, ip: str, slot: int, other: str) -> dict[st
     stop_by_pid(instance, "kafka-asg-agent.pyz", signal.SIGKILL)  # the restart loop and the agent
     stop_by_pid(instance, "kafka.Kafka", signal.SIGTERM)
     stop_by_pid(instance, "QuorumPeerMain", signal.SIGTERM)
-    t0, t1, t2 = (float(x) for x in in_instance(instance, DIRECT.format(ip=ip, slot=slot, other=other)).split())
+    times, registered = in_instance(instance, DIRECT.format(ip=ip, slot=slot, other=other)).strip().splitlines()
+    t0, t1 = (float(x) for x in times.split())
+    (t2,) = log_times(registered, "Registered broker")
     return {"zookeeper_in_quorum_s": round(t1 - t0, 2), "member_healthy_s": round(t2 - t0, 2)}
 
 
@@ -241,7 +264,7 @@ def replace(slot: int) -> dict[str, float]:
         time.sleep(0.5)
     kill_to_serving = time.monotonic() - killed
     new = holder(slot)
-    timeline = agent_timeline(new)
+    timeline = agent_timeline(new, old)
     direct = direct_jvm_seconds(new, ip, slot, other)
     agent_boot = timeline["user_data_to_healthy_s"] - timeline["claim_wait_s"] - timeline["old_session_wait_s"]
     return {

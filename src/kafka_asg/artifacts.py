@@ -16,6 +16,7 @@ import argparse
 import fcntl
 import gzip
 import hashlib
+import json
 import logging
 import os
 import re
@@ -32,6 +33,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
+from typing import Any
 
 import kafka_asg
 from kafka_asg.config import ClusterConfig, ServerSpec
@@ -52,7 +54,7 @@ PACKAGE_DIR = Path(kafka_asg.__file__).parent
 RECIPE_FORMAT = "2"  # 2: archives gzipped at level 0 (see pack_tree)
 ARCHIVE_GZIP_LEVEL = 0
 # Changes to how the zipapp is built (not to what goes in) that must invalidate a cached one.
-AGENT_BUILD_STEPS = "newest-api-versions-only,pyc-unchecked-hash,agent-modules-only"
+AGENT_BUILD_STEPS = "newest-api-versions-only,pyc-unchecked-hash,agent-modules-only,models-cut-to-agent-operations"
 # The parts of the kafka_asg package in the zipapp: the agent and what it imports (never the CLI).
 AGENT_PACKAGE_PARTS = frozenset(
     {"__init__.py", "py.typed", "agent", "config.py", "errors.py", "fsutil.py", "paths.py", "retry.py"}
@@ -91,9 +93,23 @@ DISTINCT_SAME_STEM = frozenset({"metrics-core"})
 # The agent's runtime dependencies, pinned from requirements.lock (moto, flask and dev tools stay out).
 # The agent uses botocore's clients directly (agent/aws.py): no boto3, no s3transfer in the zipapp.
 AGENT_REQUIREMENTS = ("botocore", "jmespath", "python-dateutil", "six", "urllib3", "kazoo")
-# Services the agent calls; botocore/data is pruned to these (plus its top-level files: endpoints.json,
-# partitions.json, sdk-default-configuration.json, _retry.json, which botocore reads at import/client creation).
-AGENT_AWS_SERVICES = ("ec2", "autoscaling", "s3", "sts")
+# The operations the agent calls (agent/aws.py), by service; botocore/data is pruned to these services (plus its
+# top-level files: endpoints.json, partitions.json, sdk-default-configuration.json, _retry.json, which botocore
+# reads at import/client creation) and their models to these operations: EC2's model is 4.4 MB of JSON for 830
+# operations, and parsing it was most of a new agent's client creation (0.15 s of CPU on every boot).
+AGENT_AWS_OPERATIONS: Mapping[str, tuple[str, ...]] = {
+    "ec2": (
+        "AttachNetworkInterface",
+        "AttachVolume",
+        "CreateTags",
+        "DescribeInstances",
+        "DescribeNetworkInterfaces",
+        "DescribeVolumes",
+    ),
+    "autoscaling": ("SetInstanceProtection",),
+    "s3": ("GetObject",),
+}
+AGENT_AWS_SERVICES = tuple(AGENT_AWS_OPERATIONS)
 
 Progress = Callable[[str], None]
 
@@ -334,6 +350,84 @@ def prune_botocore_data(data_dir: Path, keep: Sequence[str]) -> int:
     return freed
 
 
+def cut_service_model(model: Mapping[str, Any], operations: Iterable[str]) -> dict[str, Any]:
+    """A botocore service model with only ``operations`` and the shapes they reach, without documentation.
+
+    :raises ConfigError: an operation the model does not have (a botocore upgrade renamed it).
+    """
+    missing = sorted(set(operations) - set(model["operations"]))
+    if missing:
+        raise ConfigError(
+            [f"botocore's {model['metadata'].get('serviceId')} model has no operation {', '.join(missing)}"]
+        )
+    ops = {name: _undocumented(model["operations"][name]) for name in sorted(set(operations))}
+    shapes: Mapping[str, Any] = model["shapes"]
+    reached: set[str] = set()
+    todo = [
+        ref["shape"] for op in ops.values() for ref in (op.get("input"), op.get("output"), *op.get("errors", ())) if ref
+    ]
+    while todo:
+        name = todo.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        shape = shapes[name]
+        refs = [*shape.get("members", {}).values(), *(shape[k] for k in ("member", "key", "value") if k in shape)]
+        todo.extend(ref["shape"] for ref in refs)
+    cut = {k: v for k, v in model.items() if k not in ("operations", "shapes", "documentation")}
+    cut["operations"] = ops
+    cut["shapes"] = {name: _undocumented(shapes[name]) for name in sorted(reached)}
+    return cut
+
+
+def _undocumented(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """An operation or shape without its documentation (and its members' and refs' documentation)."""
+    out = {k: v for k, v in spec.items() if k not in ("documentation", "documentationUrl")}
+    if "members" in out:
+        out["members"] = {
+            m: {k: v for k, v in ref.items() if k != "documentation"} for m, ref in out["members"].items()
+        }
+    for key in ("input", "output", "member", "key", "value"):
+        if isinstance(out.get(key), Mapping):
+            out[key] = {k: v for k, v in out[key].items() if k != "documentation"}
+    return out
+
+
+def cut_botocore_models(data_dir: Path, operations: Mapping[str, Iterable[str]]) -> int:
+    """Cut each kept service's newest model to ``operations`` (:func:`cut_service_model`), its paginators and
+    waiters to those operations, and drop its examples (documentation only); returns bytes freed.
+
+    Written as plain ``.json``: botocore's loader tries ``.json`` before ``.json.gz``; the ``.gz`` goes.
+    """
+    freed = 0
+    for service, names in operations.items():
+        wanted = set(names)
+        (version,) = [v for v in (data_dir / service).iterdir() if v.is_dir()]  # prune_botocore_data ran first
+        before = sum(f.stat().st_size for f in version.iterdir())
+        model_gz = version / "service-2.json.gz"
+        model = json.loads(
+            gzip.decompress(model_gz.read_bytes()) if model_gz.exists() else (version / "service-2.json").read_bytes()
+        )
+        model_gz.unlink(missing_ok=True)
+        (version / "service-2.json").write_text(json.dumps(cut_service_model(model, wanted), sort_keys=True))
+        for name in ("paginators-1.json", "paginators-1.sdk-extras.json"):
+            path = version / name
+            if path.exists():
+                doc = json.loads(path.read_text())
+                table = doc["merge"]["pagination"] if "merge" in doc else doc["pagination"]
+                for op in [op for op in table if op not in wanted]:
+                    del table[op]
+                path.write_text(json.dumps(doc, sort_keys=True))
+        waiters = version / "waiters-2.json"
+        if waiters.exists():
+            doc = json.loads(waiters.read_text())
+            doc["waiters"] = {k: w for k, w in doc["waiters"].items() if w["operation"] in wanted}
+            waiters.write_text(json.dumps(doc, sort_keys=True))
+        (version / "examples-1.json").unlink(missing_ok=True)
+        freed += before - sum(f.stat().st_size for f in version.iterdir())
+    return freed
+
+
 # ============================================================================ the cache
 
 
@@ -525,7 +619,16 @@ def project_root(package_dir: Path = PACKAGE_DIR) -> Path:
 def agent_recipe(root: Path) -> str:
     """What the zipapp depends on: the package source, the lock file, and the pruning rules."""
     lock = (root / "requirements.lock").read_text()
-    return tree_digest(PACKAGE_DIR, (RECIPE_FORMAT, *agent_requirements(lock), *AGENT_AWS_SERVICES, AGENT_BUILD_STEPS))
+    return tree_digest(
+        PACKAGE_DIR,
+        (
+            RECIPE_FORMAT,
+            *agent_requirements(lock),
+            *AGENT_AWS_SERVICES,
+            AGENT_BUILD_STEPS,
+            json.dumps(AGENT_AWS_OPERATIONS),
+        ),
+    )
 
 
 def _console_script(root: Path, name: str) -> str:
@@ -559,6 +662,7 @@ def build_agent(cache: CachePaths, root: Path, progress: Progress = _log_progres
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         shutil.rmtree(site / "kazoo" / "tests", ignore_errors=True)
         freed = prune_botocore_data(site / "botocore" / "data", AGENT_AWS_SERVICES)
+        freed += cut_botocore_models(site / "botocore" / "data", AGENT_AWS_OPERATIONS)
         # Bytecode in the zipapp: a new instance would otherwise compile every module it imports (botocore
         # is large) on each boot. unchecked-hash: shiv's extraction does not keep mtimes, so timestamp-checked
         # .pyc files would be ignored; the zipapp never changes under its hash-named extraction dir.

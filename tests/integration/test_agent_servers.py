@@ -13,6 +13,7 @@ import secrets
 import socket
 import subprocess
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
@@ -304,7 +305,9 @@ def test_zookeeper_standalone_and_broker_registration(jvm_services: ProcessServi
         deadline=60,
     )
     zk_connect = f"127.0.0.1:{cfg.ports.zk_client}"
-    assert jvm_services.broker_registration(zk_connect, 1) is None
+    changed = threading.Event()
+    jvm_services.on_change(changed.set)
+    assert jvm_services.broker_registration(zk_connect, 1) is None  # and a watch on /brokers/ids/1
 
     if KAFKA_ARCHIVE.is_file():
         slot = cfg.slot(1)
@@ -315,6 +318,8 @@ def test_zookeeper_standalone_and_broker_registration(jvm_services: ProcessServi
         jvm_services.start("kafka", properties, {})
         started_at = jvm_services.state("kafka").started_at
         assert started_at is not None and abs(started_at - time.time()) < 60
+        # The probe's watch wakes the loop when the broker registers: no poll needed to see it.
+        assert changed.wait(120), "no watch event for /brokers/ids/1 being created"
         wait_until(
             "broker 1 registered", lambda: jvm_services.broker_registration(zk_connect, 1) is not None, deadline=120
         )
@@ -326,7 +331,10 @@ def test_zookeeper_standalone_and_broker_registration(jvm_services: ProcessServi
         # expires: stop it only once it logged "started".
         stdout = jvm_services.paths.log_dir / "kafka.stdout.log"
         wait_until("Kafka started", lambda: "[KafkaServer id=1] started" in stdout.read_text(), deadline=120)
+        changed.clear()
+        assert jvm_services.broker_registration(zk_connect, 1) is not None  # the watch, set again
         jvm_services.stop("kafka", timeout=60)
+        assert changed.wait(30), "no watch event for /brokers/ids/1 being deleted"
         assert jvm_services.broker_registration(zk_connect, 1) is None  # the ephemeral node left with it
 
     jvm_services.stop("zookeeper", timeout=30)

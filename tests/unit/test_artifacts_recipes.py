@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import tarfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kafka_asg import artifacts
 from kafka_asg.artifacts import (
+    AGENT_AWS_OPERATIONS,
     AGENT_KEY,
     Artifact,
     ArtifactSet,
     agent_requirements,
     cached_artifact,
     cmd_artifacts,
+    cut_botocore_models,
+    cut_service_model,
     duplicate_jars,
     ensure_artifacts,
     ensure_kraft_kafka,
@@ -384,3 +390,99 @@ def test_cli_accepts_kraft_flag() -> None:
     args = build_parser().parse_args(["artifacts", "build", "--kraft"])
     assert (args.action, args.kraft) == ("build", True)
     assert build_parser().parse_args(["artifacts", "list"]).kraft is False
+
+
+TINY_MODEL = {
+    "version": "2.0",
+    "metadata": {"serviceId": "Tiny", "protocol": "ec2"},
+    "documentation": "<p>long</p>",
+    "operations": {
+        "Keep": {
+            "name": "Keep",
+            "input": {"shape": "KeepRequest"},
+            "errors": [{"shape": "Oops"}],
+            "documentation": "d",
+        },
+        "Drop": {"name": "Drop", "input": {"shape": "DropRequest"}},
+    },
+    "shapes": {
+        "KeepRequest": {"type": "structure", "members": {"Ids": {"shape": "IdList", "documentation": "d"}}},
+        "IdList": {"type": "list", "member": {"shape": "Id"}},
+        "Id": {"type": "string", "documentation": "d"},
+        "Oops": {"type": "structure", "members": {}},
+        "DropRequest": {"type": "structure", "members": {"Tags": {"shape": "TagMap"}}},
+        "TagMap": {"type": "map", "key": {"shape": "Id"}, "value": {"shape": "Id"}},
+    },
+}
+
+
+def test_a_cut_model_keeps_the_operations_and_the_shapes_they_reach_without_documentation() -> None:
+    cut = cut_service_model(TINY_MODEL, ["Keep"])
+    assert list(cut["operations"]) == ["Keep"]
+    assert sorted(cut["shapes"]) == ["Id", "IdList", "KeepRequest", "Oops"]
+    assert "documentation" not in json.dumps(cut)
+    assert cut["metadata"] == TINY_MODEL["metadata"]
+
+
+def test_a_cut_model_names_a_missing_operation() -> None:
+    with pytest.raises(ConfigError, match="botocore's Tiny model has no operation Gone"):
+        cut_service_model(TINY_MODEL, ["Keep", "Gone"])
+
+
+def test_the_agent_can_call_every_operation_it_uses_on_the_cut_models(tmp_path: Path) -> None:
+    """The zipapp's botocore data, cut as build_agent cuts it: every call agent/aws.py makes still serializes."""
+    import botocore.session
+    from botocore.stub import Stubber
+
+    data = tmp_path / "data"
+    shutil.copytree(Path(botocore.__file__).parent / "data", data)
+    prune_botocore_data(data, tuple(AGENT_AWS_OPERATIONS))
+    assert cut_botocore_models(data, AGENT_AWS_OPERATIONS) > 500_000  # gzipped bytes
+    session = botocore.session.Session()
+    session.get_component("data_loader").search_paths.insert(0, str(data))
+    calls: dict[str, list[tuple[str, dict[str, Any]]]] = {
+        "ec2": [
+            ("describe_network_interfaces", {"Filters": [{"Name": "subnet-id", "Values": ["subnet-1"]}]}),
+            ("attach_network_interface", {"NetworkInterfaceId": "eni-1", "InstanceId": "i-1", "DeviceIndex": 1}),
+            ("describe_volumes", {"Filters": [{"Name": "tag:kafka-asg:slot", "Values": ["1"]}]}),
+            ("attach_volume", {"VolumeId": "vol-1", "InstanceId": "i-1", "Device": "/dev/sdf"}),
+            ("describe_instances", {"InstanceIds": ["i-1"]}),
+            ("create_tags", {"Resources": ["i-1"], "Tags": [{"Key": "k", "Value": "v"}]}),
+        ],
+        "autoscaling": [
+            (
+                "set_instance_protection",
+                {"InstanceIds": ["i-1"], "AutoScalingGroupName": "g", "ProtectedFromScaleIn": True},
+            )
+        ],
+        "s3": [("get_object", {"Bucket": "b", "Key": "k"})],
+    }
+    assert {s: sorted(method for method, _ in c) for s, c in calls.items()} == {
+        s: sorted(_snake(op) for op in ops) for s, ops in AGENT_AWS_OPERATIONS.items()
+    }
+    for service, service_calls in calls.items():
+        client = session.create_client(
+            service, region_name="eu-west-1", aws_access_key_id="a", aws_secret_access_key="b"
+        )
+        assert len(client.meta.service_model.operation_names) == len(service_calls)
+        with Stubber(client) as stub:
+            for method, params in service_calls:
+                stub.add_response(method, {}, params)  # the stub validates params against the (cut) model
+                getattr(client, method)(**params)
+    assert session.create_client("ec2", region_name="eu-west-1").get_paginator("describe_volumes")
+
+
+def _snake(operation: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in operation).lstrip("_")
+
+
+def test_the_operations_kept_are_the_ones_agent_aws_calls() -> None:
+    """A call added to agent/aws.py without adding it to AGENT_AWS_OPERATIONS would fail only on an instance."""
+    import re
+
+    from kafka_asg.agent import aws
+
+    source = Path(aws.__file__).read_text()
+    called = set(re.findall(r"self\.(ec2|autoscaling|s3)\.(?!get_paginator)(\w+)\(", source))
+    called |= set(re.findall(r"self\.(ec2|autoscaling|s3)\.get_paginator\(\"(\w+)\"\)", source))
+    assert called == {(s, _snake(op)) for s, ops in AGENT_AWS_OPERATIONS.items() for op in ops}

@@ -19,6 +19,7 @@ Credentials and endpoint come the usual SDK way: the instance role through IMDS,
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from ipaddress import IPv4Address
@@ -262,17 +263,21 @@ class AwsCloud(Cloud):
 
         return self._call(f"GetObject s3://{bucket}/{key}", fetch, f"s3://{bucket}/{key}")
 
-    def download(self, bucket: str, key: str, dest: Path) -> None:
-        """Stream the object to ``dest`` (the caller verifies its sha256 and renames it into place)."""
+    def download(self, bucket: str, key: str, dest: Path) -> str:
+        """Stream the object to ``dest``, hashing it on the way (the caller checks the sha256 and renames the
+        file into place)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
 
-        def fetch() -> None:
+        def fetch() -> str:
+            digest = hashlib.sha256()
             body = self.s3.get_object(Bucket=bucket, Key=key)["Body"]
             try:
                 with dest.open("wb") as fh:
                     for chunk in iter(lambda: body.read(1 << 20), b""):
+                        digest.update(chunk)
                         fh.write(chunk)
             finally:
                 body.close()
+            return digest.hexdigest()
 
-        self._call(f"GetObject s3://{bucket}/{key}", fetch, f"s3://{bucket}/{key}")
+        return self._call(f"GetObject s3://{bucket}/{key}", fetch, f"s3://{bucket}/{key}")

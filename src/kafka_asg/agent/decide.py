@@ -157,9 +157,10 @@ Action = (
 # How soon the loop looks again after a wait:
 # - "soon": something on this node that takes moments (a device showing up, the own server starting);
 # - "boot": EC2 or another instance (the old holder's shutdown): the boot pace, which keeps API calls low;
+# - "watched": a change a ZooKeeper watch reports (Services.on_change wakes the loop): polled only as a fallback;
 # - "idle": serving, standing by, refused: a slow heartbeat (a surplus instance may stand by for days).
 # None: by the state (booting -> "boot", anything else -> "idle").
-Pace = Literal["soon", "boot", "idle"]
+Pace = Literal["soon", "boot", "watched", "idle"]
 
 
 @dataclass(frozen=True)
@@ -455,16 +456,17 @@ def _supervise(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision:
         return _wait(
             f"waiting: /brokers/ids/{eni.slot} still holds a previous broker {eni.slot}'s registration "
             "(its zookeeper session has not expired); starting kafka once it is gone",
-            # The boot pace: a wait on another instance (the dead broker's session, up to the 18 s session
-            # timeout), not on this node; looking five times a second cost more CPU than the rest of the boot.
-            pace="boot",
+            # A wait on another instance (the dead broker's session, up to the 18 s session timeout): the node's
+            # deletion wakes the loop at once (a ZooKeeper watch), so polling is only the fallback.
+            pace="watched",
         )
     kafka = _start_or_restart(view, "kafka", f"broker {eni.slot}, {eni.ip}:{cfg.ports.kafka}")
     if kafka is not None:
         return kafka
     if not view.broker_registered:
+        # The registration wakes the loop (the same watch); the fallback poll also notices a Kafka that died starting.
         return _wait(
-            f"waiting: broker {eni.slot} not registered in zookeeper yet (zookeeper {view.zk_mode})", pace="soon"
+            f"waiting: broker {eni.slot} not registered in zookeeper yet (zookeeper {view.zk_mode})", pace="watched"
         )
     marker = view.markers.get("kafka-log")
     cluster_id = (view.kafka_meta or {}).get("cluster.id")

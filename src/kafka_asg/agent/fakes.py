@@ -248,7 +248,7 @@ class FakeCloud(Cloud):
         }
 
     def instance_state(self, instance_id: str) -> InstanceState | None:
-        self._call("instance_state")
+        self._call(f"instance_state {instance_id}")
         return self.world.instances.get(instance_id)
 
     def set_scale_in_protection(self, asg_name: str, instance_id: str, protected: bool) -> None:
@@ -266,10 +266,11 @@ class FakeCloud(Cloud):
         except KeyError:
             raise NotFoundError(f"s3://{bucket}/{key} does not exist") from None
 
-    def download(self, bucket: str, key: str, dest: Path) -> None:
+    def download(self, bucket: str, key: str, dest: Path) -> str:
         data = self.get_object(bucket, key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)
+        return hashlib.sha256(data).hexdigest()
 
 
 # ------------------------------------------------------------------------------------ Host
@@ -409,6 +410,7 @@ class FakeServices(Services):
         self.events: list[str] = []
         self.meta_writer: Callable[[], None] | None = None  # e.g. Kafka writing meta.properties at start
         self.registration_delay = 0.0
+        self.wake: Callable[[], None] | None = None  # from on_change: a test calls it as a ZooKeeper watch would
         # A predecessor's /brokers/ids node: (registered at, its session expires at).
         self.leftover_registration: tuple[float, float] | None = None
         self._next_pid = 100
@@ -452,6 +454,9 @@ class FakeServices(Services):
 
     def zk_mode(self, address: IPv4Address, port: int) -> ZkMode:
         return self.zk_mode_when_running if self.servers["zookeeper"].running else "down"
+
+    def on_change(self, wake: Callable[[], None]) -> None:
+        self.wake = wake
 
     def broker_registration(self, zk_connect: str, broker_id: int) -> float | None:
         if self.zk_mode(IPv4Address("127.0.0.1"), 0) not in ("leader", "follower", "standalone"):

@@ -104,9 +104,12 @@ class SystemClock:
 class AgentSettings:
     """Timings of the loop. ``booting_interval`` is short so a boot is not slowed by the loop itself."""
 
-    booting_interval: float = 1.0
+    # Twice a second: noticing the old holder's ENI released is boot time (2 EC2 Describe calls per look, well
+    # inside EC2's request-rate budget: https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-throttling.html).
+    booting_interval: float = 0.5
     soon_interval: float = 0.2  # a wait on this node's own devices or servers (pace "soon")
-    soon_reads_max_age: float = 0.9  # EC2 and NIC reads reused across "soon" waits (agent/reads.py); < booting
+    soon_reads_max_age: float = 0.9  # EC2 and NIC reads reused across "soon" waits (agent/reads.py)
+    watched_interval: float = 2.0  # a wait a ZooKeeper watch ends (pace "watched"): the poll is the fallback
     serving_interval: float = 5.0  # also standby and refused
     heartbeat_seconds: float = 60.0  # report() at least this often, even when nothing changed
     report_min_interval: float = 10.0  # a changed sentence alone is reported at most this often
@@ -228,6 +231,9 @@ class Agent:
         self._reported: dict[str, str] = {}
         self._reported_at: float | None = None
         self._stop = threading.Event()
+        # Set by a stop request or by services.on_change (a ZooKeeper watch): ends the pause between cycles.
+        self._wake = threading.Event()
+        services.on_change(self._wake.set)
         self._last_bug: str | None = None
         self.prefetch = Prefetch(self._download_and_unpack)
         self.reads = RecentReads(cloud, self.clock.monotonic, self.settings.soon_reads_max_age)
@@ -442,9 +448,8 @@ class Agent:
             dest = self.paths.downloads_dir / PurePosixPath(key).name
             if not (dest.exists() and sha256_file(dest) == entry["sha256"]):
                 tmp = dest.with_name(dest.name + ".part")
-                self.cloud.download(self.cfg.bucket, key, tmp)
                 try:
-                    _verify(tmp, entry, where)
+                    _check_sha256(self.cloud.download(self.cfg.bucket, key, tmp), entry, where)
                 except CloudError:
                     tmp.unlink(missing_ok=True)
                     raise
@@ -573,25 +578,34 @@ class Agent:
                 chained += 1
                 continue
             chained = 0
-            self._stop.wait(self.interval)
+            self.pause()
         self.shutdown()
         return 0
+
+    def pause(self, seconds: float | None = None) -> bool:
+        """Wait ``seconds`` (default: :attr:`interval`) unless woken (a stop request, a watched change; one that
+        came during the cycle ends the pause at once). True when woken."""
+        woken = self._wake.wait(self.interval if seconds is None else seconds)
+        self._wake.clear()
+        return woken
 
     @property
     def interval(self) -> float:
         """Seconds until the next cycle after a wait, by the pace of the last decision."""
         return {
             "soon": self.settings.soon_interval,
+            "watched": self.settings.watched_interval,
             "boot": self.settings.booting_interval,
             "idle": self.settings.serving_interval,
         }[self.pace]
 
     def request_stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         logger.info("received %s: stopping after this cycle", signal.Signals(signum).name)
-        self._stop.set()
+        self.request_stop()
 
     def shutdown(self) -> str:
         """Kafka controlled shutdown (SIGTERM + wait), then ZooKeeper; report ``stopping``."""
@@ -620,7 +634,10 @@ def _manifest(raw: bytes, bucket: str) -> dict[str, dict[str, object]]:
 
 
 def _verify(path: Path, entry: Mapping[str, object], where: str) -> None:
-    actual = sha256_file(path)
+    _check_sha256(sha256_file(path), entry, where)
+
+
+def _check_sha256(actual: str, entry: Mapping[str, object], where: str) -> None:
     if actual != entry.get("sha256"):
         raise CloudError(
             f"{where}: sha256 {actual} does not match manifest.json ({entry.get('sha256')}); "

@@ -12,7 +12,7 @@ losing a race for a slot resource raises :class:`~kafka_asg.errors.ClaimLost`; a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -118,7 +118,9 @@ class Cloud(ABC):
         """``NotFoundError`` naming bucket and key when the object is missing."""
 
     @abstractmethod
-    def download(self, bucket: str, key: str, dest: Path) -> None: ...
+    def download(self, bucket: str, key: str, dest: Path) -> str:
+        """Write the object to ``dest``; return the sha256 (hex) of the bytes written, hashed on the way (a
+        second pass over a 60 MB archive cost as much CPU as the download)."""
 
 
 # ----------------------------------------------------------------------------------------- Host
@@ -220,3 +222,8 @@ class Services(ABC):
     @abstractmethod
     def broker_registration(self, zk_connect: str, broker_id: int) -> float | None:
         """When ``/brokers/ids/<id>`` was registered (wall clock seconds), None if it does not exist."""
+
+    def on_change(self, wake: Callable[[], None]) -> None:
+        """Have ``wake`` called, from any thread, when something a probe looked at changes; the loop then looks
+        again at once instead of at its next poll. Without it (this default) the loop only polls."""
+        del wake

@@ -3,10 +3,13 @@
 While ZooKeeper joins the quorum and Kafka registers, the loop looks every ``soon_interval`` (0.2 s); the
 EC2 side (slot ENIs, slot volumes, holders) does not change meanwhile unless the agent changes it itself, and
 describing it five times a second was most of the agent's CPU during a boot. Reads are reused for at most
-``max_age`` seconds, which is below the boot pace (a wait on EC2 or another instance always reads afresh),
+``max_age`` seconds and only across such waits (a wait on EC2 or another instance always reads afresh),
 and forgotten after every step the agent executes (its own attach or claim is read back at once). EC2's
 Describe* calls are eventually consistent on that scale anyway (EC2 API reference, "Eventual consistency").
 Fencing is unaffected in kind: a lost slot is seen at most ``max_age`` later.
+
+One read is kept for good: an instance seen ``shutting-down`` or ``terminated`` never runs again (EC2 User Guide,
+"Instance state changes"), so the wait for a dying holder's ENI describes only the ENI, twice a second.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import TypeVar, cast
 from kafka_asg.agent.ports import Cloud, EniView, InstanceState, VolumeView
 
 T = TypeVar("T")
+# No way back from these: shutting-down only ever becomes terminated (unlike stopping/stopped, which can run again).
+FINAL_STATES: frozenset[InstanceState] = frozenset({"shutting-down", "terminated"})
 
 
 class RecentReads(Cloud):
@@ -28,6 +33,7 @@ class RecentReads(Cloud):
         self.clock = clock
         self.max_age = max_age
         self._cache: dict[Hashable, tuple[float, object]] = {}
+        self._gone: dict[str, InstanceState] = {}  # instances seen on their way to terminated: final
 
     def forget(self) -> None:
         self._cache.clear()
@@ -52,7 +58,12 @@ class RecentReads(Cloud):
         return self._read(("instance volumes", instance_id), lambda: self.cloud.instance_volumes(instance_id))
 
     def instance_state(self, instance_id: str) -> InstanceState | None:
-        return self._read(("state", instance_id), lambda: self.cloud.instance_state(instance_id))
+        if instance_id in self._gone:
+            return self._gone[instance_id]
+        state = self._read(("state", instance_id), lambda: self.cloud.instance_state(instance_id))
+        if state in FINAL_STATES:
+            self._gone[instance_id] = state
+        return state
 
     # writes and objects: never cached ----------------------------------------------------------------------
     def attach_eni(self, eni_id: str, instance_id: str, device_index: int) -> None:
@@ -73,5 +84,5 @@ class RecentReads(Cloud):
     def get_object(self, bucket: str, key: str) -> bytes:
         return self.cloud.get_object(bucket, key)
 
-    def download(self, bucket: str, key: str, dest: Path) -> None:
-        self.cloud.download(bucket, key, dest)
+    def download(self, bucket: str, key: str, dest: Path) -> str:
+        return self.cloud.download(bucket, key, dest)

@@ -122,6 +122,7 @@ class ProcessServices(Services):
         self._last_exit: dict[ServerName, float] = {}
         self._zk_client: Any = None  # kazoo.client.KazooClient, kept between probes (see broker_registration)
         self._zk_connect: str | None = None
+        self._wake: Callable[[], None] | None = None
 
     # -------------------------------------------------------------------------------------- install
 
@@ -344,10 +345,16 @@ class ProcessServices(Services):
         from kazoo.exceptions import KazooException, NoNodeError
         from kazoo.handlers.threading import KazooTimeoutError
 
+        path = f"/brokers/ids/{broker_id}"
         try:
             client = self._connected_zk_client(zk_connect)
+            # The watch (one-shot; every probe sets it again) fires when the node is created or deleted: the
+            # loop starts Kafka the moment a dead predecessor's session expires, and sees its own broker
+            # register, without polling for either (ZooKeeper Programmer's Guide, "ZooKeeper Watches").
+            if client.exists(path, watch=self._on_zk_event) is None:
+                return None
             try:
-                data, stat = client.get(f"/brokers/ids/{broker_id}")
+                data, stat = client.get(path)
             except NoNodeError:
                 return None
             return registration_time(data, stat.ctime)
@@ -356,6 +363,14 @@ class ProcessServices(Services):
             raise Unavailable(
                 f"ZooKeeper {zk_connect} did not answer ({exc!r}): cannot tell if broker {broker_id} is registered"
             ) from exc
+
+    def on_change(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+
+    def _on_zk_event(self, event: object) -> None:
+        # kazoo's event thread: only signal the loop.
+        if self._wake is not None:
+            self._wake()
 
     def _connected_zk_client(self, zk_connect: str) -> Any:
         """One ZooKeeper session for all probes: a session per probe would be two quorum writes (create and

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -194,8 +195,9 @@ def test_s3_objects(aws: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match=r"s3://bkt/missing.json"):
         cloud.get_object("bkt", "missing.json")
     dest = tmp_path / "dl" / "a.tgz"
-    cloud.download("bkt", "archives/a.tgz", dest)
+    digest = cloud.download("bkt", "archives/a.tgz", dest)
     assert dest.stat().st_size == 3_000_000
+    assert digest == hashlib.sha256(dest.read_bytes()).hexdigest()  # hashed on the way
     with pytest.raises(NotFoundError, match=r"s3://bkt/archives/none.tgz"):
         cloud.download("bkt", "archives/none.tgz", tmp_path / "none.tgz")
 

@@ -462,6 +462,7 @@ def test_kafka_starts_once_zookeeper_serves(mode: str) -> None:
 def test_broker_not_registered_yet() -> None:
     v = view_zk_serving().but(servers={"zookeeper": server("zookeeper"), "kafka": server("kafka")})
     assert sentence(v) == "waiting: broker 2 not registered in zookeeper yet (zookeeper follower)"
+    assert decide(v, CFG).recheck == "watched"  # the registration wakes the loop
 
 
 def test_kafka_waits_while_a_predecessors_registration_lingers() -> None:
@@ -472,7 +473,7 @@ def test_kafka_waits_while_a_predecessors_registration_lingers() -> None:
         "waiting: /brokers/ids/2 still holds a previous broker 2's registration (its zookeeper session has not "
         "expired); starting kafka once it is gone"
     )
-    assert d.recheck == "boot"  # another instance's session: looked at once a second
+    assert d.recheck == "watched"  # another instance's session: its end wakes the loop (a ZooKeeper watch)
 
 
 def test_running_kafka_with_a_lingering_registration_is_not_registered() -> None:

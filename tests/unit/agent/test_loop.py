@@ -292,14 +292,31 @@ def test_a_registration_older_than_the_running_kafka_is_not_its_own(
 
 def test_waits_on_its_own_servers_reuse_ec2_reads(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
     node = boot(world, tmp_path, "i-first", clock)
-    node.services.registration_delay = 5.0
-    run(node, clock, "starting kafka (broker 2, 10.0.0.21:9095)")
+    node.services.zk_mode_when_running = "not serving"  # its ZooKeeper still joining the quorum
+    run(node, clock, "starting zookeeper (server.2, 10.0.0.21:2181)")
     before = world.calls.count("slot_enis")
     for _ in range(5):
-        assert node.agent.run_cycle() == "waiting: broker 2 not registered in zookeeper yet (zookeeper follower)"
+        assert node.agent.run_cycle() == "waiting: zookeeper quorum not formed (mode: not serving)"
         assert node.agent.interval == AgentSettings().soon_interval
         clock.advance(0.2)
     assert world.calls.count("slot_enis") == before + 1  # read once, reused for 0.9 s of 0.2 s waits
+
+
+def test_the_wait_for_its_broker_is_woken_by_the_registration(
+    world: FakeWorld, clock: FakeClock, tmp_path: Path
+) -> None:
+    node = boot(world, tmp_path, "i-first", clock)
+    node.services.registration_delay = 5.0
+    run(node, clock, "starting kafka (broker 2, 10.0.0.21:9095)")
+    assert node.agent.run_cycle() == "waiting: broker 2 not registered in zookeeper yet (zookeeper follower)"
+    # Polled only as a fallback: the registration's watch ends the pause at once.
+    assert node.agent.interval == AgentSettings().watched_interval
+    assert node.services.wake is not None
+    node.services.wake()
+    started = time.monotonic()
+    assert node.agent.pause() is True
+    assert time.monotonic() - started < 0.5
+    assert node.agent.pause(0.05) is False  # the wake was used up: the next pause is a pause
 
 
 def test_replacement_waits_while_the_old_holder_shuts_down(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
@@ -314,7 +331,7 @@ def test_replacement_waits_while_the_old_holder_shuts_down(world: FakeWorld, clo
         "waiting for eni-0002 (slot 2, 10.0.0.21): holder i-first is shutting-down (waited 30s of 300s)"
     )
     assert new.agent.state == "standby"
-    # Looked at again at the boot pace (1 s), not the standby heartbeat (5 s): the slot frees any moment.
+    # Looked at again at the boot pace (0.5 s), not the standby heartbeat (5 s): the slot frees any moment.
     assert (new.agent.progressed, new.agent.interval) == (False, AgentSettings().booting_interval)
     world.terminate("i-first")
     assert new.agent.run_cycle() == "claimed eni-0002 (slot 2, 10.0.0.21)"

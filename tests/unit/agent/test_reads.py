@@ -52,3 +52,17 @@ def test_objects_and_reports_are_never_cached(tmp_path: Path) -> None:
     assert reads.get_object("b", "k") == b"two"
     reads.download("b", "k", tmp_path / "k")
     assert (tmp_path / "k").read_bytes() == b"two"
+
+
+def test_a_holder_seen_shutting_down_is_not_described_again() -> None:
+    world, clock, reads = make()
+    world.instances["i-dying"] = "shutting-down"
+    world.instances["i-stopping"] = "stopping"
+    for _ in range(3):
+        assert reads.instance_state("i-dying") == "shutting-down"
+        assert reads.instance_state("i-stopping") == "stopping"
+        reads.forget()  # as after a step or a wait on EC2
+        clock.advance(1.0)
+    # shutting-down only ever becomes terminated; a stopping instance can be started again: described every time.
+    assert world.calls.count("instance_state i-dying") == 1
+    assert world.calls.count("instance_state i-stopping") == 3
