@@ -141,9 +141,12 @@ def test_agent_zipapp_runs_on_system_python_with_pruned_botocore(built: Artifact
     code = (
         "import botocore.session, kazoo.client, kafka_asg, kafka_asg.agent.aws, sys\n"
         "session = botocore.session.Session()\n"
-        "for s in ('ec2', 'autoscaling', 's3', 'sts'): session.create_client(s, region_name='eu-west-1')\n"
-        "try:\n    session.create_client('sagemaker', region_name='eu-west-1')\n"
-        "except Exception as e:\n    print('pruned', type(e).__name__)\n"
+        "for s in ('ec2', 'autoscaling', 's3'):\n"
+        "    ops = session.create_client(s, region_name='eu-west-1').meta.service_model.operation_names\n"
+        "    print(s, 'operations', len(ops))\n"
+        "for s in ('sagemaker', 'sts'):\n"
+        "    try:\n        session.create_client(s, region_name='eu-west-1')\n"
+        "    except Exception as e:\n        print(s, 'pruned', type(e).__name__)\n"
         "try:\n    import boto3\n"
         "except ImportError:\n    print('no boto3')\n"
         "try:\n    import kafka_asg.cli\n"
@@ -159,7 +162,9 @@ def test_agent_zipapp_runs_on_system_python_with_pruned_botocore(built: Artifact
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "pruned UnknownServiceError" in proc.stdout
+    # Only the services the agent calls, each cut to the operations it calls (AGENT_AWS_OPERATIONS).
+    assert "sagemaker pruned UnknownServiceError" in proc.stdout and "sts pruned UnknownServiceError" in proc.stdout
+    assert "ec2 operations 6" in proc.stdout and "autoscaling operations 1" in proc.stdout, proc.stdout
     assert "no boto3" in proc.stdout and "no cli" in proc.stdout  # the agent's modules and botocore only
     assert "kafka-asg-agent.pyz" in proc.stdout  # kafka_asg came from the zipapp, not the checkout
     assert built.agent.path.read_bytes().startswith(b"#!/usr/bin/env python3\n")
