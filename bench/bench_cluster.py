@@ -9,7 +9,7 @@ Measures, on a cold local region with real ZooKeeper and Kafka:
    ``detach_delay``);
 4. boot overhead on each replacement: (instance running, i.e. its user data started → member healthy, minus the
    two waits the agent cannot hurry, each from its first sighting to the moment it ended: EC2 releasing the old
-   holder's ENI, from the region's log; ZooKeeper deleting the old broker's registration, from the controller's
+   holder's ENI, from the region's log; ZooKeeper expiring the old broker's session, from the ZooKeeper leader's
    log) divided by (the same JVMs started by hand on the already-rendered config, in the same namespace, until
    ZooKeeper is in the quorum and Kafka logs "Registered broker"); and the agent's own work: its CPU seconds
    until healthy (itself and the commands it ran), and its wall time from the claim to starting ZooKeeper.

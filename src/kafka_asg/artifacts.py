@@ -624,9 +624,8 @@ def agent_recipe(root: Path) -> str:
         (
             RECIPE_FORMAT,
             *agent_requirements(lock),
-            *AGENT_AWS_SERVICES,
             AGENT_BUILD_STEPS,
-            json.dumps(AGENT_AWS_OPERATIONS),
+            json.dumps(AGENT_AWS_OPERATIONS),  # the services kept, and their operations
         ),
     )
 

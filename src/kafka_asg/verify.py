@@ -77,17 +77,12 @@ def quorum_problems(modes: Mapping[int, str]) -> list[str]:
     return problems
 
 
-def brokers_from_metadata(kcat_json: str) -> dict[int, str]:
-    """``kcat -L -J`` → {broker id: "host:port"}."""
-    data = json.loads(kcat_json)
-    return {int(b["id"]): str(b["name"]) for b in data.get("brokers", [])}
-
-
 def broker_view(kcat_json: str) -> tuple[int | None, dict[int, str]]:
-    """``kcat -L -J`` → (the id of the broker that answered, the brokers in its metadata)."""
-    origin = json.loads(kcat_json).get("originating_broker") or {}
+    """``kcat -L -J`` → (the id of the broker that answered, {broker id: "host:port"} in its metadata)."""
+    data = json.loads(kcat_json)
+    origin = data.get("originating_broker") or {}
     answered_by = int(origin["id"]) if "id" in origin else None
-    return answered_by, brokers_from_metadata(kcat_json)
+    return answered_by, {int(b["id"]): str(b["name"]) for b in data.get("brokers", [])}
 
 
 def broker_problems(cfg: ClusterConfig, brokers: Mapping[int, str]) -> list[str]:

@@ -13,7 +13,7 @@ from kafka_asg.verify import (
     Probe,
     ProbeRunner,
     VerifyFailed,
-    brokers_from_metadata,
+    broker_view,
     check_brokers,
     check_quorum,
     quorum_problems,
@@ -77,7 +77,7 @@ def test_quorum_needs_exactly_one_leader() -> None:
 
 def test_brokers_from_kcat_metadata() -> None:
     doc = '{"brokers": [{"id": 2, "name": "10.0.0.21:9095"}, {"id": 1, "name": "10.0.0.53:9095"}], "topics": []}'
-    assert brokers_from_metadata(doc) == {1: "10.0.0.53:9095", 2: "10.0.0.21:9095"}
+    assert broker_view(doc) == (None, {1: "10.0.0.53:9095", 2: "10.0.0.21:9095"})
 
 
 def _runner(answers: list[str]) -> tuple[ProbeRunner, list[str]]:
