@@ -31,12 +31,14 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+from kafka_asg.config import load_config
 from kafka_asg.local.commands import make_hosts, region_info
 from kafka_asg.paths import RegionPaths
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "cluster.json"
 CLI = [sys.executable, "-m", "kafka_asg.cli"]
+CLUSTER = load_config(None, local=True)  # the seed's cluster, as `up --local` provisions it
 LOG_TIME = re.compile(r"^\[?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]? ")  # ours, and Kafka's log4j
 
 
@@ -216,6 +218,7 @@ def main() -> int:
     rss = rehearsal_rss_mib(info.bastion, info.pid)
 
     rounds = [replace(slot) for slot in (2, 1, 3)]
+    boots = [clean_boot(slot) for slot in (2, 1, 3)]
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} cores",
@@ -224,6 +227,8 @@ def main() -> int:
         "rehearsal_rss_mib": rss,
         "replacements": rounds,
         "median": {key: median(r[key] for r in rounds) for key in rounds[0] if key != "slot"},
+        "clean_boots": boots,
+        "clean_boot_median": {key: median(r[key] for r in boots) for key in boots[0] if key != "slot"},
     }
     cli("down", "--local", timeout=600)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -248,6 +253,12 @@ def main() -> int:
     print(f"| agent CPU until healthy | {m['agent_cpu_s']} s | ≤ 1 s |")
     print(f"| &nbsp;&nbsp;plus the commands it ran (mkfs, mount, blkid, ip) | {m['agent_children_cpu_s']} s | |")
     print(f"| agent: slot claimed → ZooKeeper started | {m['claimed_to_zookeeper_started_s']} s | |")
+    b = results["clean_boot_median"]
+    print("| *clean boots (holder stopped and terminated, then the ASG launches; slots 2, 1, 3; medians)* | | |")
+    print(f"| instance running → member healthy | {b['user_data_to_healthy_s']} s | |")
+    print(f"| the same JVMs by hand on the rendered config | {b['direct_member_healthy_s']} s | |")
+    print(f"| boot overhead (instance running → healthy ÷ JVMs by hand) | {b['boot_overhead_ratio']} | ≤ 1.15 |")
+    print(f"| agent CPU until healthy | {b['agent_cpu_s']} s | ≤ 1 s |")
     return 0
 
 
@@ -275,6 +286,60 @@ def replace(slot: int) -> dict[str, float]:
         "direct_zookeeper_in_quorum_s": direct["zookeeper_in_quorum_s"],
         "direct_member_healthy_s": direct["member_healthy_s"],
         "boot_overhead_ratio": round(agent_boot / direct["member_healthy_s"], 2),
+    }
+
+
+def autoscaling() -> Any:
+    import boto3
+
+    info = region_info()
+    assert info is not None
+    return boto3.client(
+        "autoscaling",
+        region_name=CLUSTER.region,
+        endpoint_url=info.endpoint_url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+def clean_boot(slot: int) -> dict[str, float]:
+    """The issue's measure as it stands, with nothing to wait for: the holder's agent is stopped (SIGTERM:
+    Kafka's controlled shutdown closes its ZooKeeper session, so no registration lingers), its instance
+    terminated with the desired capacity decremented, and once EC2 has released the slot's ENI and volumes the
+    desired capacity goes back up: the ASG's new instance boots into a free slot. Instance running (its user
+    data started) → member healthy, divided by the same JVMs by hand on it."""
+    old = holder(slot)
+    ip = next(str(r["ip"]) for r in status() if r["slot"] == slot)
+    other = next(str(r["ip"]) for r in status() if r["slot"] not in (None, slot))
+    stop_by_pid(old, "while :", signal.SIGKILL)  # the rehearsal's restart loop, else it starts the agent again
+    stop_by_pid(old, "kafka-asg-agent.pyz", signal.SIGTERM)
+    # After a replacement round the servers are the ones started by hand, not the agent's: stop them the same way.
+    stop_by_pid(old, "kafka.Kafka", signal.SIGTERM)
+    stop_by_pid(old, "QuorumPeerMain", signal.SIGTERM)
+    asg = autoscaling()
+    asg.terminate_instance_in_auto_scaling_group(InstanceId=old, ShouldDecrementDesiredCapacity=True)
+    region_log = RegionPaths.default().root / "region.log"
+    while f"{old} terminated; its surviving ENIs" not in region_log.read_text():
+        time.sleep(0.2)
+    asg.set_desired_capacity(AutoScalingGroupName=CLUSTER.asg_name, DesiredCapacity=3)
+    while holder(slot) in ("-", old):
+        time.sleep(0.5)
+    while not serving():
+        time.sleep(0.5)
+    new = holder(slot)
+    log = in_instance(new, "cat /var/log/kafka-asg/agent.log")
+    assert "waiting for eni-" not in log and "still holds a previous broker" not in log, log[-3000:]
+    timeline = agent_timeline(new, old)
+    direct = direct_jvm_seconds(new, ip, slot, other)
+    return {
+        "slot": slot,
+        "user_data_to_healthy_s": timeline["user_data_to_healthy_s"],
+        "claimed_to_zookeeper_started_s": timeline["claimed_to_zookeeper_started_s"],
+        "agent_cpu_s": timeline["agent_cpu_s"],
+        "direct_zookeeper_in_quorum_s": direct["zookeeper_in_quorum_s"],
+        "direct_member_healthy_s": direct["member_healthy_s"],
+        "boot_overhead_ratio": round(timeline["user_data_to_healthy_s"] / direct["member_healthy_s"], 2),
     }
 
 

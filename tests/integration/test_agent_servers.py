@@ -294,19 +294,19 @@ def jvm_services(tmp_path: Path) -> Iterator[ProcessServices]:
 @pytest.mark.jvm
 def test_zookeeper_standalone_and_broker_registration(jvm_services: ProcessServices, tmp_path: Path) -> None:
     cfg = loopback_cluster(1)
+    changed = threading.Event()
+    jvm_services.on_change(changed.set)
     jvm_services.install("zookeeper", ZK_ARCHIVE)
     jvm_services.start("zookeeper", write_zookeeper(tmp_path, cfg), {})
     pid = jvm_services.state("zookeeper").pid
     assert pid is not None
     localhost = IPv4Address("127.0.0.1")
-    wait_until(
-        "ZooKeeper standalone",
-        lambda: jvm_services.zk_mode(localhost, cfg.ports.zk_client) == "standalone",
-        deadline=60,
-    )
+    # Just started, the JVM is not listening yet: the probe says so and watches until it serves.
+    assert jvm_services.zk_mode(localhost, cfg.ports.zk_client) in ("down", "not serving")
+    assert changed.wait(60), "the quorum watch did not wake the loop when ZooKeeper came to serve"
+    assert jvm_services.zk_mode(localhost, cfg.ports.zk_client) == "standalone"
+    changed.clear()
     zk_connect = f"127.0.0.1:{cfg.ports.zk_client}"
-    changed = threading.Event()
-    jvm_services.on_change(changed.set)
     assert jvm_services.broker_registration(zk_connect, 1) is None  # and a watch on /brokers/ids/1
 
     if KAFKA_ARCHIVE.is_file():

@@ -109,6 +109,23 @@ def test_attach_of_in_use_volume_fails_with_volume_in_use(world: World) -> None:
     assert (code == "VolumeInUse") is (world.strict is not None)
 
 
+def test_a_successful_attach_wakes_the_region_and_a_refused_one_does_not(world: World) -> None:
+    if world.strict is None:
+        pytest.skip("a strict-moto hook")
+    eni = world.ec2.create_network_interface(SubnetId=world.subnets[0], PrivateIpAddress="10.0.0.21")
+    eni_id = eni["NetworkInterface"]["NetworkInterfaceId"]
+    vol = world.ec2.create_volume(Size=1, AvailabilityZone=AZS[0])["VolumeId"]
+    a, b = launch(world), launch(world)
+    woken: list[str] = []
+    world.strict.on_attach = lambda: woken.append("attach")
+    world.ec2.attach_network_interface(NetworkInterfaceId=eni_id, InstanceId=a, DeviceIndex=1)
+    world.ec2.attach_volume(VolumeId=vol, InstanceId=a, Device="/dev/sdf")
+    assert woken == ["attach", "attach"]
+    error_code(lambda: world.ec2.attach_network_interface(NetworkInterfaceId=eni_id, InstanceId=b, DeviceIndex=1))
+    error_code(lambda: world.ec2.attach_volume(VolumeId=vol, InstanceId=b, Device="/dev/sdf"))
+    assert woken == ["attach", "attach"]
+
+
 def test_volume_in_another_az_is_refused(world: World) -> None:
     vol = world.ec2.create_volume(Size=1, AvailabilityZone=AZS[1])["VolumeId"]
     a = launch(world, subnet=0)

@@ -6,7 +6,8 @@ it (logged once per cycle and asserted by the unit tests) and the node state it 
 Order of the cascade (issue 4, boot steps 1-8):
 
 warm pool -> fence -> claim / wait / stand by -> scale-in protection -> volumes -> NIC -> disks ->
-identity -> install -> render -> ZooKeeper -> quorum -> Kafka -> broker registered -> no action.
+identity -> install ZooKeeper -> render -> ZooKeeper -> quorum -> install Kafka -> Kafka -> broker registered ->
+no action.
 """
 
 from __future__ import annotations
@@ -111,7 +112,10 @@ class Refuse:
 
 @dataclass(frozen=True)
 class Install:
-    """Fetch the archives and base configs from S3, check sha256 against manifest.json, unpack."""
+    """Fetch the server's archive from S3, check its sha256 (and the base configs') against manifest.json,
+    unpack."""
+
+    name: ServerName
 
 
 @dataclass(frozen=True)
@@ -271,10 +275,8 @@ def _bring_up_slot(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision
         decision = step(view, cfg, eni)
         if decision is not None:
             return decision
-    if not view.memory.installed:
-        return Decision(
-            Install(), f"installing zookeeper {cfg.zookeeper.version} and kafka {cfg.kafka.version}", "booting"
-        )
+    if "zookeeper" not in view.memory.installed:
+        return Decision(Install("zookeeper"), f"installing zookeeper {cfg.zookeeper.version}", "booting")
     if not view.memory.rendered:
         return Decision(
             Render(eni.slot), f"rendering zoo.cfg, myid and server.properties for slot {eni.slot}", "booting"
@@ -449,6 +451,9 @@ def _supervise(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision:
         return zk
     if view.zk_mode not in SERVING_ZK_MODES:
         return _wait(f"waiting: zookeeper quorum not formed (mode: {view.zk_mode})", pace="soon")
+    if "kafka" not in view.memory.installed:
+        # Kafka's archive unpacks while ZooKeeper starts and joins the quorum (both in the prefetch, begun at boot).
+        return Decision(Install("kafka"), f"installing kafka {cfg.kafka.version}", "booting")
     if view.leftover_registration and not view.server("kafka").running:
         # A second broker with this id would fail with NodeExists (and crash-loop into the backoff) until the
         # previous holder's ZooKeeper session expires (zookeeper.session.timeout.ms after it died); or it is

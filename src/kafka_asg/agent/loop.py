@@ -18,7 +18,7 @@ import resource
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -49,7 +49,7 @@ from kafka_asg.agent.decide import (
 )
 from kafka_asg.agent.ports import Cloud, Host, Imds, InstanceIdentity, ServerName, Services
 from kafka_asg.agent.reads import RecentReads
-from kafka_asg.agent.snapshot import MARKER_NAME, Memory, NodeView, observe, remember
+from kafka_asg.agent.snapshot import MARKER_NAME, SERVER_NAMES, Memory, NodeView, observe, remember
 from kafka_asg.agent.status import Status, write_status
 from kafka_asg.config import ClusterConfig, VolumeRole
 from kafka_asg.errors import (
@@ -71,6 +71,8 @@ TAG_PREFIX = "kafka-asg:"
 MAX_TAG_VALUE = 255  # EC2 tag values are at most 256 Unicode characters
 PROTECT_STEP = "scale-in-protection"  # a per-instance step (semaphore)
 MAX_CHAINED_CYCLES = 50  # boot steps run back to back at most this many times before a pause
+# Steps after which the EC2 reads (slot ENIs, volumes, holders) must be read afresh: they change them.
+EC2_CHANGING_ACTIONS = (ClaimEni, AttachVolumes, Fence)
 
 
 class Clock(Protocol):
@@ -126,41 +128,57 @@ class Outcome:
 
 
 class Prefetch:
-    """One run of ``step`` in a background thread; :meth:`result` waits for it and re-raises its error.
+    """``step(name)`` for each of ``names`` in turn, in a background thread; :meth:`result` waits for one name
+    and re-raises the error that stopped the thread.
 
     The install (download, sha256, unpack) needs no slot, so the daemon starts it right after the first
     cycle: it then overlaps the claim, the wait for a dying holder, the attaches and the mounts instead of
-    following them. Decisions stay in the loop: the Install step calls :meth:`result`. After an error (or
-    without a start, as in the unit tests' ``run_cycle``) :meth:`result` runs ``step`` inline.
+    following them; and ZooKeeper, installed first, starts while Kafka's archive still unpacks. Decisions stay
+    in the loop: the Install step calls :meth:`result`. After an error (or without a start, as in the unit
+    tests' ``run_cycle``) :meth:`result` runs the step inline.
     """
 
-    def __init__(self, step: Callable[[], None]) -> None:
+    def __init__(self, step: Callable[[ServerName], None], names: Sequence[ServerName]) -> None:
         self._step = step
+        self._names = tuple(names)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._done = False
+        self._done: set[ServerName] = set()
+        self._changed = threading.Condition()
 
     def start(self) -> None:
-        if self._thread is None and not self._done:
+        if self._thread is None and len(self._done) < len(self._names):
             self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
             self._thread.start()
 
     def _run(self) -> None:
-        try:
-            self._step()
-        except BaseException as exc:  # handed to the loop's thread by result()
-            self._error = exc
+        for name in self._names:
+            if name in self._done:
+                continue
+            try:
+                self._step(name)
+            except BaseException as exc:  # handed to the loop's thread by result()
+                with self._changed:
+                    self._error = exc
+                    self._changed.notify_all()
+                return
+            with self._changed:
+                self._done.add(name)
+                self._changed.notify_all()
 
-    def result(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread, error, self._error = None, self._error, None
-            if error is not None:
-                raise error
-            self._done = True
-        if not self._done:
-            self._step()
-            self._done = True
+    def result(self, name: ServerName) -> None:
+        thread = self._thread
+        if thread is not None and name not in self._done:
+            with self._changed:
+                self._changed.wait_for(lambda: name in self._done or self._error is not None or not thread.is_alive())
+            if name not in self._done:  # the thread stopped before it: hand its error over, once
+                thread.join()
+                self._thread, error, self._error = None, self._error, None
+                if error is not None:
+                    raise error
+        if name not in self._done:
+            self._step(name)
+            self._done.add(name)
 
 
 class Semaphores:
@@ -223,6 +241,7 @@ class Agent:
         self.state: NodeState = "booting"
         self.halted = False
         self.progressed = False  # the last cycle executed a step (boot progress) rather than waiting
+        self.changed_ec2 = False  # ... and that step changed what the EC2 reads say (claim, attach, fence)
         self.pace: Pace = "boot"  # how soon the last cycle's decision wants to look again
         self.cycle = 0
         self.last_view: NodeView | None = None
@@ -235,16 +254,18 @@ class Agent:
         self._wake = threading.Event()
         services.on_change(self._wake.set)
         self._last_bug: str | None = None
-        self.prefetch = Prefetch(self._download_and_unpack)
+        self.prefetch = Prefetch(self._download_and_unpack, SERVER_NAMES)
         self.reads = RecentReads(cloud, self.clock.monotonic, self.settings.soon_reads_max_age)
 
     # ----------------------------------------------------------------------------------- cycle
     def run_cycle(self) -> str:
         """Observe, decide, execute; return the sentence that explains this cycle."""
         self.cycle += 1
-        if self.progressed or self.pace != "soon":
-            self.reads.forget()  # only a wait on this node's own servers or devices reuses EC2 reads
-        self.progressed = False
+        if self.changed_ec2 or (not self.progressed and self.pace != "soon"):
+            # EC2 reads are reused only across this node's own steps (mount, render, start) and its waits on
+            # its own devices and servers; after its own claim or attach, and before any other wait, read afresh.
+            self.reads.forget()
+        self.progressed = self.changed_ec2 = False
         self.pace = "boot"
         view: NodeView | None = None
         try:
@@ -265,6 +286,7 @@ class Agent:
             decision = decide(view, self.cfg)
             outcome = self._execute(decision.action, view)
             state, self.pace = decision.state, decision.recheck
+            self.changed_ec2 = isinstance(decision.action, EC2_CHANGING_ACTIONS)
             if outcome is None:
                 sentence = decision.sentence
                 # A step done (not a wait): the next cycle may run at once.
@@ -352,8 +374,8 @@ class Agent:
                 self._init_volume(action)
                 return None
             case Install():
-                self.prefetch.result()
-                self.memory = replace(self.memory, installed=True)
+                self.prefetch.result(action.name)
+                self.memory = replace(self.memory, installed=self.memory.installed | {action.name})
                 return None
             case Render():
                 self._render(action.slot, view)
@@ -427,34 +449,33 @@ class Agent:
             self.host.remove_empty_dir(lost_found)
         self.host.write_file(action.mountpoint / MARKER_NAME, action.marker.to_json())
 
-    def _download_and_unpack(self) -> None:
-        """Download the archives unless already here, check sha256 against manifest.json, unpack.
+    def _download_and_unpack(self, name: ServerName) -> None:
+        """Download the server's archive unless already here, check its sha256 (and the base configs') against
+        manifest.json, unpack.
 
         Runs in the prefetch thread: touches only the bucket, the downloads and the install dirs, never
         the loop's memory."""
         manifest = _manifest(self.cloud.get_object(self.cfg.bucket, "manifest.json"), self.cfg.bucket)
-        for key, path in (("zookeeper.config", self.cfg.zookeeper_config), ("kafka.config", self.cfg.kafka_config)):
-            if key in manifest:
-                _verify(path, manifest[key], f"s3://{self.cfg.bucket}/{key}")
-        servers: tuple[tuple[ServerName, str], ...] = (
-            ("zookeeper", self.cfg.zookeeper.archive_key),
-            ("kafka", self.cfg.kafka.archive_key),
-        )
-        for name, key in servers:
-            entry = manifest.get(key)
-            where = f"s3://{self.cfg.bucket}/{key}"
-            if entry is None:
-                raise CloudError(f"{where} is not in manifest.json: re-run `kafka-asg up` to upload it")
-            dest = self.paths.downloads_dir / PurePosixPath(key).name
-            if not (dest.exists() and sha256_file(dest) == entry["sha256"]):
-                tmp = dest.with_name(dest.name + ".part")
-                try:
-                    _check_sha256(self.cloud.download(self.cfg.bucket, key, tmp), entry, where)
-                except CloudError:
-                    tmp.unlink(missing_ok=True)
-                    raise
-                tmp.replace(dest)
-            self.services.install(name, dest)
+        config_key, config_path, key = {
+            "zookeeper": ("zookeeper.config", self.cfg.zookeeper_config, self.cfg.zookeeper.archive_key),
+            "kafka": ("kafka.config", self.cfg.kafka_config, self.cfg.kafka.archive_key),
+        }[name]
+        if config_key in manifest:
+            _verify(config_path, manifest[config_key], f"s3://{self.cfg.bucket}/{config_key}")
+        entry = manifest.get(key)
+        where = f"s3://{self.cfg.bucket}/{key}"
+        if entry is None:
+            raise CloudError(f"{where} is not in manifest.json: re-run `kafka-asg up` to upload it")
+        dest = self.paths.downloads_dir / PurePosixPath(key).name
+        if not (dest.exists() and sha256_file(dest) == entry["sha256"]):
+            tmp = dest.with_name(dest.name + ".part")
+            try:
+                _check_sha256(self.cloud.download(self.cfg.bucket, key, tmp), entry, where)
+            except CloudError:
+                tmp.unlink(missing_ok=True)
+                raise
+            tmp.replace(dest)
+        self.services.install(name, dest)
 
     def _render(self, slot_number: int, view: NodeView) -> None:
         slot = self.cfg.slot(slot_number)

@@ -3,8 +3,9 @@
 While ZooKeeper joins the quorum and Kafka registers, the loop looks every ``soon_interval`` (0.2 s); the
 EC2 side (slot ENIs, slot volumes, holders) does not change meanwhile unless the agent changes it itself, and
 describing it five times a second was most of the agent's CPU during a boot. Reads are reused for at most
-``max_age`` seconds and only across such waits (a wait on EC2 or another instance always reads afresh),
-and forgotten after every step the agent executes (its own attach or claim is read back at once). EC2's
+``max_age`` seconds and only across such waits and the node's own steps (mount, render, start: the boot runs
+them back to back), never across a wait on EC2 or another instance, and forgotten after every step that
+changes them (the agent's own claim or attach is read back at once). EC2's
 Describe* calls are eventually consistent on that scale anyway (EC2 API reference, "Eventual consistency").
 Fencing is unaffected in kind: a lost slot is seen at most ``max_age`` later.
 

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -64,6 +65,13 @@ ZK_NOT_SERVING = "This ZooKeeper instance is not currently serving requests"
 _MODE_LINE = re.compile(r"^Mode:\s*(\S+)\s*$", re.MULTILINE)
 
 ZK_PROBE_TIMEOUT = 3.0
+# While the own ZooKeeper starts and joins the quorum (about a second), a thread asks it ``srvr`` this often and
+# wakes the loop when it serves: the loop's own pace would add up to a cycle to every boot. A longer outage
+# (no quorum) is watched once a second.
+QUORUM_WATCH_INTERVAL = 0.05
+QUORUM_WATCH_FAST_SECONDS = 10.0
+QUORUM_WATCH_SECONDS = 120.0
+SERVING_MODES: frozenset[ZkMode] = frozenset({"leader", "follower", "standalone"})
 
 
 def parse_srvr(answer: str) -> ZkMode:
@@ -123,6 +131,7 @@ class ProcessServices(Services):
         self._zk_client: Any = None  # kazoo.client.KazooClient, kept between probes (see broker_registration)
         self._zk_connect: str | None = None
         self._wake: Callable[[], None] | None = None
+        self._quorum_watch: threading.Thread | None = None
 
     # -------------------------------------------------------------------------------------- install
 
@@ -314,7 +323,32 @@ class ProcessServices(Services):
 
         "down" when nothing accepts the connection; a server that accepts but does not answer in time (or
         resets the connection) is "not serving": something holds the port, but it is no working ZooKeeper.
+        A server not serving yet is watched (:meth:`_watch_quorum`) until it serves.
         """
+        mode = self._srvr(address, port)
+        if mode not in SERVING_MODES:
+            self._watch_quorum(address, port)
+        return mode
+
+    def _watch_quorum(self, address: IPv4Address, port: int) -> None:
+        """Wake the loop the moment ZooKeeper at ``address`` serves (one thread at a time, bounded)."""
+        wake = self._wake
+        if wake is None or (self._quorum_watch is not None and self._quorum_watch.is_alive()):
+            return
+
+        def watch() -> None:
+            started = time.monotonic()
+            while (elapsed := time.monotonic() - started) < QUORUM_WATCH_SECONDS:
+                if self._srvr(address, port) in SERVING_MODES:
+                    wake()
+                    return
+                time.sleep(QUORUM_WATCH_INTERVAL if elapsed < QUORUM_WATCH_FAST_SECONDS else 1.0)
+
+        self._quorum_watch = threading.Thread(target=watch, name="quorum-watch", daemon=True)
+        self._quorum_watch.start()
+
+    @staticmethod
+    def _srvr(address: IPv4Address, port: int) -> ZkMode:
         try:
             sock = socket.create_connection((str(address), port), timeout=SRVR_TIMEOUT)
         except OSError as exc:

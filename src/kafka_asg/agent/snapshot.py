@@ -81,14 +81,15 @@ class Memory:
     :param claimed_slot: the slot this process claimed; seeing its ENI attached elsewhere is a lost fence.
     :param waiting_since: per ENI id, the monotonic time this process first saw it held by a dying holder.
     :param protected: scale-in protection is set for this instance (per-instance semaphore).
-    :param installed: archives fetched, verified and unpacked by this process.
+    :param installed: the servers whose archive this process fetched, verified and unpacked (ZooKeeper's
+        first: it starts while Kafka's, seven times larger, is still unpacking).
     :param rendered: configs rendered and written by this process.
     """
 
     claimed_slot: int | None = None
     waiting_since: Mapping[str, float] = field(default_factory=dict)
     protected: bool = False
-    installed: bool = False
+    installed: frozenset[ServerName] = frozenset()
     rendered: bool = False
 
 

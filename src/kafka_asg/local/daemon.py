@@ -3,7 +3,7 @@ loop that makes the API's state real through a :class:`HostMachinery`.
 
 One process (``kafka-asg local serve``). At start it creates "the account's network" for the cluster
 (VPC + one subnet per configured AZ in moto, the VPC namespace and the bastion on this machine), then every
-``loop_interval`` seconds it
+``loop_interval`` seconds, and at once after an AttachNetworkInterface or AttachVolume, it
 
 1. advances strict moto's clocks (pending -> running, terminations, the Auto Scaling groups), and
 2. observes the API (:func:`observe`), compares with what exists on the machine and applies the difference
@@ -344,11 +344,13 @@ class RegionDaemon:
     _applied_volumes: set[tuple[str, str]] = field(default_factory=set)
     _partitioned: set[str] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _wake: threading.Event = field(default_factory=threading.Event)  # set by an attach, and by stop()
     _servers: list[Any] = field(default_factory=list)
     _failures: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.strict = StrictMoto(self.spec.options, account_id=self.account_id)
+        self.strict.on_attach = self._wake.set
 
     # -- moto ----------------------------------------------------------------------------------
     @property
@@ -598,10 +600,12 @@ class RegionDaemon:
                     logger.info("reconcile: %s", line)
             except Exception:
                 logger.exception("reconcile cycle failed; please report it as a BUG")
-            self._stop.wait(max(0.0, self.spec.loop_interval - (time.monotonic() - started)))
+            self._wake.wait(max(0.0, self.spec.loop_interval - (time.monotonic() - started)))
+            self._wake.clear()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def close(self) -> None:
         for server in self._servers:

@@ -113,7 +113,7 @@ def view_disks_ready() -> NodeView:
 
 def view_prepared() -> NodeView:
     v = view_disks_ready()
-    return v.but(memory=replace(v.memory, installed=True, rendered=True))
+    return v.but(memory=replace(v.memory, installed=frozenset({"zookeeper", "kafka"}), rendered=True))
 
 
 def view_zk_serving(mode: str = "follower") -> NodeView:
@@ -429,13 +429,26 @@ def test_matching_identity_passes() -> None:
 # ------------------------------------------------------------------------------ install, render, servers
 
 
-def test_install_then_render() -> None:
-    assert sentence(view_disks_ready()) == "installing zookeeper 3.8.7 and kafka 3.9.2"
+def test_install_zookeeper_then_render() -> None:
+    d = decide(view_disks_ready(), CFG)
+    assert (d.action, d.sentence) == (Install("zookeeper"), "installing zookeeper 3.8.7")
     v = view_disks_ready()
-    v = v.but(memory=replace(v.memory, installed=True))
+    v = v.but(memory=replace(v.memory, installed=frozenset({"zookeeper"})))
     d = decide(v, CFG)
     assert d.action == Render(2)
     assert d.sentence == "rendering zoo.cfg, myid and server.properties for slot 2"
+
+
+def test_kafka_is_installed_once_zookeeper_serves_not_before() -> None:
+    v = view_prepared()
+    only_zk = v.but(memory=replace(v.memory, installed=frozenset({"zookeeper"})))
+    assert decide(only_zk, CFG).action == StartServer("zookeeper", restart=False)
+    zk = view_zk_serving()
+    joining = zk.but(zk_mode="not serving", memory=replace(zk.memory, installed=frozenset({"zookeeper"})))
+    assert sentence(joining) == "waiting: zookeeper quorum not formed (mode: not serving)"
+    serving = zk.but(memory=replace(zk.memory, installed=frozenset({"zookeeper"})))
+    d = decide(serving, CFG)
+    assert (d.action, d.sentence) == (Install("kafka"), "installing kafka 3.9.2")
 
 
 def test_zookeeper_starts_first() -> None:

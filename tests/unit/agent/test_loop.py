@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from kafka_asg.agent.fakes import FakeClock, FakeCloud, FakeHost, FakeImds, FakeServices, FakeWorld
-from kafka_asg.agent.loop import Agent, AgentSettings
-from kafka_asg.agent.ports import InstanceIdentity
+from kafka_asg.agent.loop import Agent, AgentSettings, Prefetch
+from kafka_asg.agent.ports import InstanceIdentity, ServerName
 from kafka_asg.agent.snapshot import MARKER_NAME
 from kafka_asg.agent.status import health, read_status
 from kafka_asg.config import VOLUME_ROLES, ClusterConfig, seed_config
-from kafka_asg.errors import Unavailable
+from kafka_asg.errors import CloudError, Unavailable
 from kafka_asg.paths import AgentPaths
 
 CFG: ClusterConfig = seed_config()
@@ -154,14 +154,15 @@ def test_fresh_boot_reaches_serving(world: FakeWorld, clock: FakeClock, tmp_path
         "marking vol-2zkdata as event-servers slot 2 zk-data",
         "marking vol-2zktxlog as event-servers slot 2 zk-txlog",
         "marking vol-2kafkalog as event-servers slot 2 kafka-log",
-        "installing zookeeper 3.8.7 and kafka 3.9.2",
+        "installing zookeeper 3.8.7",
         "rendering zoo.cfg, myid and server.properties for slot 2",
         "starting zookeeper (server.2, 10.0.0.21:2181)",
+        "installing kafka 3.9.2",
         "starting kafka (broker 2, 10.0.0.21:9095)",
         "recording kafka cluster.id Clu5terId in the kafka-log volume's marker",
         SERVING,
     ]
-    assert node.services.events == ["install zookeeper", "install kafka", "start zookeeper", "start kafka"]
+    assert node.services.events == ["install zookeeper", "start zookeeper", "install kafka", "start kafka"]
     assert node.host.mkfs_calls == ["vol-2zkdata", "vol-2zktxlog", "vol-2kafkalog"]
     assert volume_file(world, 2, "zk-data", "myid") == "2\n"
     assert volume_file(world, 2, "kafka-log", "lost+found/") is None  # Kafka refuses it in a log dir
@@ -300,6 +301,23 @@ def test_waits_on_its_own_servers_reuse_ec2_reads(world: FakeWorld, clock: FakeC
         assert node.agent.interval == AgentSettings().soon_interval
         clock.advance(0.2)
     assert world.calls.count("slot_enis") == before + 1  # read once, reused for 0.9 s of 0.2 s waits
+
+
+def test_its_own_boot_steps_reuse_ec2_reads_its_claim_and_attach_do_not(
+    world: FakeWorld, clock: FakeClock, tmp_path: Path
+) -> None:
+    node = boot(world, tmp_path, "i-first", clock)
+    cycles: list[tuple[str, int]] = []  # (sentence, slot ENI describes in that cycle)
+    while not cycles or not cycles[-1][0].startswith("starting zookeeper"):
+        assert len(cycles) < 40, cycles
+        before = world.calls.count("slot_enis")
+        cycles.append((node.agent.run_cycle(), world.calls.count("slot_enis") - before))
+    sentences = [s for s, _ in cycles]
+    after_claim = sentences.index("protecting i-first from scale-in: it holds slot 2 (eni-0002)")
+    after_attach = next(i for i, s in enumerate(sentences) if s.startswith("attaching slot 2 volumes")) + 1
+    assert cycles[after_claim][1] == 1 and cycles[after_attach][1] == 1  # read afresh after changing EC2
+    # mkfs, mount, marker, install, render, start: EC2 is not described again (the clock stood still here).
+    assert [n for _, n in cycles[after_attach + 1 :]] == [0] * (len(cycles) - after_attach - 1)
 
 
 def test_the_wait_for_its_broker_is_woken_by_the_registration(
@@ -487,13 +505,14 @@ def test_cloud_unavailable_means_retry_next_cycle(world: FakeWorld, clock: FakeC
 def test_archive_with_wrong_sha256_is_not_installed(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
     world.put_object(BUCKET, CFG.kafka.archive_key, b"tampered")
     node = boot(world, tmp_path, "i-first", clock)
-    sentences = [node.agent.run_cycle() for _ in range(15)]
+    sentences = [node.agent.run_cycle() for _ in range(20)]
     want = hashlib.sha256(b"tampered").hexdigest()
     assert sentences[-1].startswith(f"failed: s3://{BUCKET}/{CFG.kafka.archive_key}: sha256 {want} does not match")
     assert sentences[-1].endswith("re-run `kafka-asg up`; retrying next cycle")
     assert "install kafka" not in node.services.events
     assert not (node.paths.downloads_dir / "kafka_2.13-3.9.2.tgz").exists()
-    assert not any(s.startswith("starting") for s in sentences)
+    # ZooKeeper's archive is good and ZooKeeper serves the quorum; Kafka never starts from a tampered archive.
+    assert node.services.events == ["install zookeeper", "start zookeeper"]
 
 
 def test_prefetch_installs_while_the_old_holder_shuts_down(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
@@ -502,12 +521,12 @@ def test_prefetch_installs_while_the_old_holder_shuts_down(world: FakeWorld, clo
     new = boot(world, tmp_path, "i-new", clock)
     assert new.agent.run_cycle().startswith("waiting for eni-0002 (slot 2, 10.0.0.21): holder i-first")
     new.agent.prefetch.start()  # as the daemon does after its first cycle
-    new.agent.prefetch.result()
+    new.agent.prefetch.result("kafka")
     # Installed with no slot yet: the archives need none.
     assert new.services.events == ["install zookeeper", "install kafka"]
     world.terminate("i-first")
     sentences = run(new, clock, SERVING)
-    assert "installing zookeeper 3.8.7 and kafka 3.9.2" in sentences
+    assert "installing zookeeper 3.8.7" in sentences and "installing kafka 3.9.2" in sentences
     assert new.services.events[:3] == ["install zookeeper", "install kafka", "start zookeeper"]  # not again
 
 
@@ -516,7 +535,7 @@ def test_prefetch_failure_is_the_install_steps_then_retried(world: FakeWorld, cl
     world.put_object(BUCKET, CFG.kafka.archive_key, b"tampered")
     node = boot(world, tmp_path, "i-first", clock)
     node.agent.prefetch.start()
-    sentences = [node.agent.run_cycle() for _ in range(15)]
+    sentences = [node.agent.run_cycle() for _ in range(20)]
     failed = [s for s in sentences if s.startswith("failed:")]
     assert failed and "sha256" in failed[0] and "does not match manifest.json" in failed[0]
     assert "install kafka" not in node.services.events
@@ -611,3 +630,40 @@ def test_unexpected_error_is_a_bug_logged_once_with_traceback(
     assert len(bugs) == 1
     assert bugs[0].exc_info is not None
     assert node.agent.run_cycle() == "claimed eni-0002 (slot 2, 10.0.0.21)"  # and the loop carries on
+
+
+def test_prefetch_hands_zookeeper_over_while_kafka_still_unpacks() -> None:
+    kafka_may_finish = threading.Event()
+    done: list[str] = []
+
+    def step(name: ServerName) -> None:
+        if name == "kafka":
+            assert kafka_may_finish.wait(10)
+        done.append(name)
+
+    prefetch = Prefetch(step, ("zookeeper", "kafka"))
+    prefetch.start()
+    prefetch.result("zookeeper")
+    assert done == ["zookeeper"]
+    kafka_may_finish.set()
+    prefetch.result("kafka")
+    assert done == ["zookeeper", "kafka"]
+    prefetch.result("kafka")  # done once
+    assert done == ["zookeeper", "kafka"]
+
+
+def test_prefetch_error_goes_to_the_waiting_step_then_runs_inline() -> None:
+    calls: list[str] = []
+
+    def step(name: ServerName) -> None:
+        calls.append(name)
+        if name == "kafka" and calls.count("kafka") == 1:
+            raise CloudError("s3 said no")
+
+    prefetch = Prefetch(step, ("zookeeper", "kafka"))
+    prefetch.start()
+    prefetch.result("zookeeper")
+    with pytest.raises(CloudError, match="s3 said no"):
+        prefetch.result("kafka")
+    prefetch.result("kafka")  # the next Install step: inline, and it works now
+    assert calls == ["zookeeper", "kafka", "kafka"]
