@@ -12,7 +12,12 @@ Measures, on a cold local region with real ZooKeeper and Kafka:
    holder's ENI, from the region's log; ZooKeeper expiring the old broker's session, from the ZooKeeper leader's
    log) divided by (the same JVMs started by hand on the already-rendered config, in the same namespace, until
    ZooKeeper is in the quorum and Kafka logs "Registered broker"); and the agent's own work: its CPU seconds
-   until healthy (itself and the commands it ran), and its wall time from the claim to starting ZooKeeper.
+   until healthy (itself and the commands it ran), and its wall time from the claim to starting ZooKeeper;
+5. clean boots (slots 2, 1, 3): the holder stopped gracefully and terminated, the new instance launched once EC2
+   has released the slot, so nothing is subtracted: instance running → member healthy ÷ the same JVMs by hand.
+
+A boot is watched through files on this machine (the region's log, the instance's log under its overlay's upper
+dir), never by polling `kafka-asg status`, which would load the cores the boot being measured runs on.
 
 Results go to bench/results/cluster.json and a markdown table on stdout. Leaves the machine clean (down --local).
 """
@@ -61,6 +66,33 @@ def serving() -> bool:
 
 def holder(slot: int) -> str:
     return next(str(r["instance"]) for r in status() if r["slot"] == slot)
+
+
+def region_log_size() -> int:
+    return (RegionPaths.default().root / "region.log").stat().st_size
+
+
+def wait_for_new_holder(az: str, region_log_from: int, timeout: float = 300) -> str:
+    """The instance the ASG launches in ``az`` (the region logs it after ``region_log_from``), once its agent
+    says serving. Watched by reading the region's log and the instance's log file from its overlay's upper dir on
+    this machine: `kafka-asg status` polls (a Python process with boto3, and work for the daemon, twice a second)
+    would load the 2 cores while the boot being measured runs."""
+    paths = RegionPaths.default()
+    deadline = time.monotonic() + timeout
+    launched = re.compile(rf"launched (i-[0-9a-f]+) in {re.escape(az)}")
+    instance = None
+    while time.monotonic() < deadline:
+        if instance is None:
+            with (paths.root / "region.log").open("rb") as fh:
+                fh.seek(region_log_from)
+                match = launched.search(fh.read().decode(errors="replace"))
+            instance = match.group(1) if match else None
+        if instance is not None:
+            log = paths.instance_dir(instance) / "upper" / "var" / "log" / "kafka-asg" / "agent.log"
+            if log.exists() and "state booting -> serving" in log.read_text(errors="replace"):
+                return instance
+        time.sleep(0.2)
+    raise SystemExit(f"no instance launched in {az} reached serving in {timeout} s (launched: {instance})")
 
 
 def in_instance(instance: str, script: str, timeout: float = 300) -> str:
@@ -264,17 +296,17 @@ def main() -> int:
 
 def replace(slot: int) -> dict[str, float]:
     """``local kill <slot>``, wait for the replacement to serve, then time the same JVMs by hand on it."""
-    old = holder(slot)
-    ip = next(str(r["ip"]) for r in status() if r["slot"] == slot)
-    other = next(str(r["ip"]) for r in status() if r["slot"] not in (None, slot))
+    rows = status()
+    old, ip, az = next((str(r["instance"]), str(r["ip"]), str(r["az"])) for r in rows if r["slot"] == slot)
+    other = next(str(r["ip"]) for r in rows if r["slot"] not in (None, slot))
+    log_from = region_log_size()
     killed = time.monotonic()
     cli("local", "kill", str(slot))
-    while holder(slot) in ("-", old):
-        time.sleep(0.5)
+    new = wait_for_new_holder(az, log_from)
     while not serving():
         time.sleep(0.5)
     kill_to_serving = time.monotonic() - killed
-    new = holder(slot)
+    assert holder(slot) == new, (holder(slot), new)
     timeline = agent_timeline(new, old)
     direct = direct_jvm_seconds(new, ip, slot, other)
     agent_boot = timeline["user_data_to_healthy_s"] - timeline["claim_wait_s"] - timeline["old_session_wait_s"]
@@ -309,9 +341,9 @@ def clean_boot(slot: int) -> dict[str, float]:
     terminated with the desired capacity decremented, and once EC2 has released the slot's ENI and volumes the
     desired capacity goes back up: the ASG's new instance boots into a free slot. Instance running (its user
     data started) → member healthy, divided by the same JVMs by hand on it."""
-    old = holder(slot)
-    ip = next(str(r["ip"]) for r in status() if r["slot"] == slot)
-    other = next(str(r["ip"]) for r in status() if r["slot"] not in (None, slot))
+    rows = status()
+    old, ip, az = next((str(r["instance"]), str(r["ip"]), str(r["az"])) for r in rows if r["slot"] == slot)
+    other = next(str(r["ip"]) for r in rows if r["slot"] not in (None, slot))
     stop_by_pid(old, "while :", signal.SIGKILL)  # the rehearsal's restart loop, else it starts the agent again
     stop_by_pid(old, "kafka-asg-agent.pyz", signal.SIGTERM)
     # After a replacement round the servers are the ones started by hand, not the agent's: stop them the same way.
@@ -322,12 +354,12 @@ def clean_boot(slot: int) -> dict[str, float]:
     region_log = RegionPaths.default().root / "region.log"
     while f"{old} terminated; its surviving ENIs" not in region_log.read_text():
         time.sleep(0.2)
+    log_from = region_log_size()
     asg.set_desired_capacity(AutoScalingGroupName=CLUSTER.asg_name, DesiredCapacity=3)
-    while holder(slot) in ("-", old):
-        time.sleep(0.5)
+    new = wait_for_new_holder(az, log_from)
     while not serving():
         time.sleep(0.5)
-    new = holder(slot)
+    assert holder(slot) == new, (holder(slot), new)
     log = in_instance(new, "cat /var/log/kafka-asg/agent.log")
     assert "waiting for eni-" not in log and "still holds a previous broker" not in log, log[-3000:]
     timeline = agent_timeline(new, old)
