@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -147,6 +149,27 @@ def test_eni_and_volume_follow_attach_and_detach(region: Region) -> None:
     region.ec2.detach_volume(VolumeId=vol)
     region.cycle()
     assert host.nics == {} and host.volumes == {}
+
+
+def test_an_attach_is_plugged_at_once_not_at_the_next_tick(region: Region) -> None:
+    iid = run(region)
+    region.cycle(advance=1.5)
+    eni = region.ec2.create_network_interface(SubnetId=region.subnet_ids["eu-west-1a"], PrivateIpAddress="10.0.0.53")
+    eni_id = eni["NetworkInterface"]["NetworkInterfaceId"]
+    region.daemon.spec = replace(region.daemon.spec, loop_interval=600.0)  # the next tick would be 10 min away
+    loop = threading.Thread(target=region.daemon.run, daemon=True)
+    loop.start()
+    try:
+        time.sleep(0.2)  # the loop's first cycle, then its long wait
+        region.ec2.attach_network_interface(NetworkInterfaceId=eni_id, InstanceId=iid, DeviceIndex=1)
+        deadline = time.monotonic() + 10
+        while eni_id not in region.hosts.hosts[iid].nics and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert eni_id in region.hosts.hosts[iid].nics
+    finally:
+        region.daemon.stop()
+        loop.join(timeout=10)
+    assert not loop.is_alive()  # stop() wakes the wait as well
 
 
 def test_terminate_is_a_power_cut_and_the_volume_moves_after_the_delay(region: Region) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,11 +54,17 @@ class World:
 
 @pytest.fixture(params=[False, True], ids=["plain", "strict"])
 def world(request: pytest.FixtureRequest) -> Iterator[World]:
+    with make_world(strict=request.param) as w:
+        yield w
+
+
+@contextmanager
+def make_world(*, strict: bool) -> Iterator[World]:
     clock = Clock()
-    strict = StrictMoto(StrictOptions(boot_delay=2.0, detach_delay=5.0), clock=clock) if request.param else None
+    strict_moto = StrictMoto(StrictOptions(boot_delay=2.0, detach_delay=5.0), clock=clock) if strict else None
     with mock_aws():
-        if strict is not None:
-            strict.install()
+        if strict_moto is not None:
+            strict_moto.install()
         try:
             ec2 = boto3.client("ec2", region_name=REGION)
             vpc = ec2.create_vpc(CidrBlock="10.0.0.0/26")["Vpc"]["VpcId"]
@@ -67,10 +74,10 @@ def world(request: pytest.FixtureRequest) -> Iterator[World]:
                 ]
                 for i, az in enumerate(AZS)
             ]
-            yield World(ec2, boto3.client("autoscaling", region_name=REGION), subnets, strict, clock)
+            yield World(ec2, boto3.client("autoscaling", region_name=REGION), subnets, strict_moto, clock)
         finally:
-            if strict is not None:
-                strict.uninstall()
+            if strict_moto is not None:
+                strict_moto.uninstall()
 
 
 def launch(w: World, subnet: int = 0) -> str:
@@ -109,21 +116,21 @@ def test_attach_of_in_use_volume_fails_with_volume_in_use(world: World) -> None:
     assert (code == "VolumeInUse") is (world.strict is not None)
 
 
-def test_a_successful_attach_wakes_the_region_and_a_refused_one_does_not(world: World) -> None:
-    if world.strict is None:
-        pytest.skip("a strict-moto hook")
-    eni = world.ec2.create_network_interface(SubnetId=world.subnets[0], PrivateIpAddress="10.0.0.21")
-    eni_id = eni["NetworkInterface"]["NetworkInterfaceId"]
-    vol = world.ec2.create_volume(Size=1, AvailabilityZone=AZS[0])["VolumeId"]
-    a, b = launch(world), launch(world)
-    woken: list[str] = []
-    world.strict.on_attach = lambda: woken.append("attach")
-    world.ec2.attach_network_interface(NetworkInterfaceId=eni_id, InstanceId=a, DeviceIndex=1)
-    world.ec2.attach_volume(VolumeId=vol, InstanceId=a, Device="/dev/sdf")
-    assert woken == ["attach", "attach"]
-    error_code(lambda: world.ec2.attach_network_interface(NetworkInterfaceId=eni_id, InstanceId=b, DeviceIndex=1))
-    error_code(lambda: world.ec2.attach_volume(VolumeId=vol, InstanceId=b, Device="/dev/sdf"))
-    assert woken == ["attach", "attach"]
+def test_a_successful_attach_wakes_the_region_and_a_refused_one_does_not() -> None:
+    with make_world(strict=True) as world:
+        assert world.strict is not None
+        eni = world.ec2.create_network_interface(SubnetId=world.subnets[0], PrivateIpAddress="10.0.0.21")
+        eni_id = eni["NetworkInterface"]["NetworkInterfaceId"]
+        vol = world.ec2.create_volume(Size=1, AvailabilityZone=AZS[0])["VolumeId"]
+        a, b = launch(world), launch(world)
+        woken: list[str] = []
+        world.strict.on_attach = lambda: woken.append("attach")
+        world.ec2.attach_network_interface(NetworkInterfaceId=eni_id, InstanceId=a, DeviceIndex=1)
+        world.ec2.attach_volume(VolumeId=vol, InstanceId=a, Device="/dev/sdf")
+        assert woken == ["attach", "attach"]
+        error_code(lambda: world.ec2.attach_network_interface(NetworkInterfaceId=eni_id, InstanceId=b, DeviceIndex=1))
+        error_code(lambda: world.ec2.attach_volume(VolumeId=vol, InstanceId=b, Device="/dev/sdf"))
+        assert woken == ["attach", "attach"]
 
 
 def test_volume_in_another_az_is_refused(world: World) -> None:
