@@ -17,7 +17,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Literal
 
-from kafka_asg.agent.ports import EniView, ServerName, VolumeView
+from kafka_asg.agent.ports import SERVING_ZK_MODES, EniView, ServerName, VolumeView
 from kafka_asg.agent.snapshot import NodeView, VolumeMarker
 from kafka_asg.config import PER_INSTANCE_DEVICES, VOLUME_ROLES, ClusterConfig, VolumeRole
 
@@ -32,7 +32,6 @@ ROUTE_TABLE_BASE = 10000
 # API device names for the slot volumes: away from /dev/sdb-sdd, which per-instance mode puts in the launch
 # template (a device-name collision otherwise); the OS finds them by volume id anyway.
 VOLUME_DEVICES: dict[VolumeRole, str] = {"zk-data": "/dev/sdf", "zk-txlog": "/dev/sdg", "kafka-log": "/dev/sdh"}
-SERVING_ZK_MODES = frozenset({"leader", "follower", "standalone"})
 
 
 # ------------------------------------------------------------------------------- actions

@@ -17,6 +17,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path, PurePosixPath
 
 from kafka_asg.agent.ports import (
+    SERVING_ZK_MODES,
     Cloud,
     DiskState,
     EniView,
@@ -459,7 +460,7 @@ class FakeServices(Services):
         self.wake = wake
 
     def broker_registration(self, zk_connect: str, broker_id: int) -> float | None:
-        if self.zk_mode(IPv4Address("127.0.0.1"), 0) not in ("leader", "follower", "standalone"):
+        if self.zk_mode(IPv4Address("127.0.0.1"), 0) not in SERVING_ZK_MODES:
             raise Unavailable("zookeeper is not serving")
         now = self.clock()
         if self.leftover_registration is not None and now < self.leftover_registration[1]:

@@ -186,6 +186,8 @@ class Host(ABC):
 
 ServerName = Literal["zookeeper", "kafka"]
 ZkMode = Literal["leader", "follower", "standalone", "not serving", "down"]
+# The modes of a ZooKeeper that serves clients (in a quorum, or alone).
+SERVING_ZK_MODES: frozenset[ZkMode] = frozenset({"leader", "follower", "standalone"})
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import IO, Any
 
-from kafka_asg.agent.ports import ServerName, ServerState, Services, ZkMode
+from kafka_asg.agent.ports import SERVING_ZK_MODES, ServerName, ServerState, Services, ZkMode
 from kafka_asg.errors import ServiceError, Unavailable
 from kafka_asg.fsutil import atomic_write, safe_extract
 from kafka_asg.paths import AgentPaths
@@ -71,7 +71,6 @@ ZK_PROBE_TIMEOUT = 3.0
 QUORUM_WATCH_INTERVAL = 0.05
 QUORUM_WATCH_FAST_SECONDS = 10.0
 QUORUM_WATCH_SECONDS = 120.0
-SERVING_MODES: frozenset[ZkMode] = frozenset({"leader", "follower", "standalone"})
 
 
 def parse_srvr(answer: str) -> ZkMode:
@@ -326,7 +325,7 @@ class ProcessServices(Services):
         A server not serving yet is watched (:meth:`_watch_quorum`) until it serves.
         """
         mode = self._srvr(address, port)
-        if mode not in SERVING_MODES:
+        if mode not in SERVING_ZK_MODES:
             self._watch_quorum(address, port)
         return mode
 
@@ -339,7 +338,7 @@ class ProcessServices(Services):
         def watch() -> None:
             started = time.monotonic()
             while (elapsed := time.monotonic() - started) < QUORUM_WATCH_SECONDS:
-                if self._srvr(address, port) in SERVING_MODES:
+                if self._srvr(address, port) in SERVING_ZK_MODES:
                     wake()
                     return
                 time.sleep(QUORUM_WATCH_INTERVAL if elapsed < QUORUM_WATCH_FAST_SECONDS else 1.0)

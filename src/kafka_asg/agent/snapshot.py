@@ -16,6 +16,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path, PurePosixPath
 
 from kafka_asg.agent.ports import (
+    SERVING_ZK_MODES,
     Cloud,
     DiskState,
     EniView,
@@ -248,7 +249,7 @@ def observe(
     registered = leftover = False
     if my_eni is not None and servers["zookeeper"].running:
         zk_mode = services.zk_mode(my_eni.ip, cfg.ports.zk_client)
-    if my_eni is not None and zk_mode in ("leader", "follower", "standalone"):
+    if my_eni is not None and zk_mode in SERVING_ZK_MODES:
         # Ask this node's own server, which was just seen serving: a connect string with every slot would let
         # the client pick a slot whose IP nobody holds yet and time out.
         registration = services.broker_registration(f"{my_eni.ip}:{cfg.ports.zk_client}", my_eni.slot)
