@@ -37,7 +37,7 @@ from statistics import median
 from typing import Any
 
 from kafka_asg.config import load_config
-from kafka_asg.local.commands import make_hosts, region_info
+from kafka_asg.local.commands import make_hosts, region_clients, region_info
 from kafka_asg.paths import RegionPaths
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -322,17 +322,9 @@ def replace(slot: int) -> dict[str, float]:
 
 
 def autoscaling() -> Any:
-    import boto3
-
     info = region_info()
     assert info is not None
-    return boto3.client(
-        "autoscaling",
-        region_name=CLUSTER.region,
-        endpoint_url=info.endpoint_url,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    return region_clients(info)[1]
 
 
 def clean_boot(slot: int) -> dict[str, float]:

@@ -212,7 +212,7 @@ def test_a_reboot_reformats_nothing_and_keeps_the_ids(cluster: ClusterConfig) ->
 def test_a_surplus_instance_stands_by_and_is_the_one_removed(cluster: ClusterConfig) -> None:
     holders = {holder(s) for s in (1, 2, 3)}
     kafka_asg("local", "exec", "--", "true")  # the region is up
-    asg = _autoscaling(cluster)
+    asg = _autoscaling()
     asg.set_desired_capacity(AutoScalingGroupName=cluster.asg_name, DesiredCapacity=4)
     surplus = wait_for(
         "a 4th instance standing by",
@@ -228,20 +228,12 @@ def test_a_surplus_instance_stands_by_and_is_the_one_removed(cluster: ClusterCon
     assert {holder(s) for s in (1, 2, 3)} == holders
 
 
-def _autoscaling(cfg: ClusterConfig) -> Any:
-    import boto3
-
-    from kafka_asg.local.commands import region_info
+def _autoscaling() -> Any:
+    from kafka_asg.local.commands import region_clients, region_info
 
     info = region_info()
     assert info is not None
-    return boto3.client(
-        "autoscaling",
-        region_name=cfg.region,
-        endpoint_url=info.endpoint_url,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    return region_clients(info)[1]
 
 
 def test_replacement_takes_over_slot_2_and_keeps_every_message(cluster: ClusterConfig) -> None:

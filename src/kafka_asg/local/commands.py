@@ -227,7 +227,8 @@ def _admin(info: RegionInfo, action: str, target: str) -> str:
         raise Unavailable(f"the local region daemon does not answer on {info.endpoint_url}: {exc}") from exc
 
 
-def _clients(info: RegionInfo) -> tuple[Any, Any]:
+def region_clients(info: RegionInfo) -> tuple[Any, Any]:
+    """EC2 and Auto Scaling clients for the local region, with its dummy credentials."""
     import boto3
 
     session = boto3.session.Session(
@@ -245,7 +246,7 @@ def resolve_instance(info: RegionInfo, target: str, cluster: str | None = None) 
         return target
     if not target.isdigit():
         raise ConfigError([f"{target!r} is neither a slot number nor an instance id (i-...)"])
-    ec2, _ = _clients(info)
+    ec2, _ = region_clients(info)
     filters = [{"Name": f"tag:{SLOT_TAG}", "Values": [target]}]
     if cluster:
         filters.append({"Name": "tag:kafka-asg:cluster", "Values": [cluster]})
@@ -310,7 +311,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         raise ConfigError([f"local {action} needs a target (SLOT, INSTANCE or AZ)"])
     if action == "kill":
         instance_id = resolve_instance(info, target[0])
-        ec2, _ = _clients(info)
+        ec2, _ = region_clients(info)
         # A power cut through the API, as an AWS outage would look: the ASG replaces it.
         ec2.terminate_instances(InstanceIds=[instance_id])
         print(f"terminated {instance_id}")
