@@ -68,6 +68,14 @@ def holder(slot: int) -> str:
     return next(str(r["instance"]) for r in status() if r["slot"] == slot)
 
 
+def slot_facts(slot: int) -> tuple[str, str, str, str]:
+    """(holder, fixed IP, AZ) of ``slot``, and another slot's fixed IP."""
+    rows = status()
+    old, ip, az = next((str(r["instance"]), str(r["ip"]), str(r["az"])) for r in rows if r["slot"] == slot)
+    other = next(str(r["ip"]) for r in rows if r["slot"] not in (None, slot))
+    return old, ip, az, other
+
+
 def region_log_size() -> int:
     return (RegionPaths.default().root / "region.log").stat().st_size
 
@@ -296,9 +304,7 @@ def main() -> int:
 
 def replace(slot: int) -> dict[str, float]:
     """``local kill <slot>``, wait for the replacement to serve, then time the same JVMs by hand on it."""
-    rows = status()
-    old, ip, az = next((str(r["instance"]), str(r["ip"]), str(r["az"])) for r in rows if r["slot"] == slot)
-    other = next(str(r["ip"]) for r in rows if r["slot"] not in (None, slot))
+    old, ip, az, other = slot_facts(slot)
     log_from = region_log_size()
     killed = time.monotonic()
     cli("local", "kill", str(slot))
@@ -333,9 +339,7 @@ def clean_boot(slot: int) -> dict[str, float]:
     terminated with the desired capacity decremented, and once EC2 has released the slot's ENI and volumes the
     desired capacity goes back up: the ASG's new instance boots into a free slot. Instance running (its user
     data started) → member healthy, divided by the same JVMs by hand on it."""
-    rows = status()
-    old, ip, az = next((str(r["instance"]), str(r["ip"]), str(r["az"])) for r in rows if r["slot"] == slot)
-    other = next(str(r["ip"]) for r in rows if r["slot"] not in (None, slot))
+    old, ip, az, other = slot_facts(slot)
     stop_by_pid(old, "while :", signal.SIGKILL)  # the rehearsal's restart loop, else it starts the agent again
     stop_by_pid(old, "kafka-asg-agent.pyz", signal.SIGTERM)
     # After a replacement round the servers are the ones started by hand, not the agent's: stop them the same way.
