@@ -14,7 +14,9 @@ Measures, on a cold local region with real ZooKeeper and Kafka:
    ZooKeeper is in the quorum and Kafka logs "Registered broker"); and the agent's own work: its CPU seconds
    until healthy (itself and the commands it ran), and its wall time from the claim to starting ZooKeeper;
 5. clean boots (slots 2, 1, 3): the holder stopped gracefully and terminated, the new instance launched once EC2
-   has released the slot, so nothing is subtracted: instance running → member healthy ÷ the same JVMs by hand.
+   has released the slot, so nothing is subtracted: instance running → member healthy ÷ the same JVMs by hand;
+   and where the machine's CPU went meanwhile (from /proc: the new node's JVMs, its agent, the local AWS API,
+   the other instances), against the CPU the same JVMs use by hand.
 
 A boot is watched through files on this machine (the region's log, the instance's log under its overlay's upper
 dir), never by polling `kafka-asg status`, which would load the cores the boot being measured runs on.
@@ -31,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from statistics import median
@@ -80,7 +83,9 @@ def region_log_size() -> int:
     return (RegionPaths.default().root / "region.log").stat().st_size
 
 
-def wait_for_new_holder(az: str, region_log_from: int, timeout: float = 300) -> str:
+def wait_for_new_holder(
+    az: str, region_log_from: int, timeout: float = 300, on_user_data: Callable[[str], None] | None = None
+) -> str:
     """The instance the ASG launches in ``az`` (the region logs it after ``region_log_from``), once its agent
     says serving. Watched by reading the region's log and the instance's log file from its overlay's upper dir on
     this machine: `kafka-asg status` polls (a Python process with boto3, and work for the daemon, twice a second)
@@ -90,16 +95,20 @@ def wait_for_new_holder(az: str, region_log_from: int, timeout: float = 300) -> 
     launched = re.compile(rf"launched (i-[0-9a-f]+) in {re.escape(az)}")
     instance = None
     while time.monotonic() < deadline:
-        if instance is None:
+        if instance is None or on_user_data is not None:
             with (paths.root / "region.log").open("rb") as fh:
                 fh.seek(region_log_from)
-                match = launched.search(fh.read().decode(errors="replace"))
+                text = fh.read().decode(errors="replace")
+            match = launched.search(text)
             instance = match.group(1) if match else None
+            if instance is not None and on_user_data is not None and f"{instance}: user data started" in text:
+                on_user_data(instance)  # once, within 0.1 s of the region starting its user data
+                on_user_data = None
         if instance is not None:
             log = paths.instance_dir(instance) / "upper" / "var" / "log" / "kafka-asg" / "agent.log"
             if log.exists() and "state booting -> serving" in log.read_text(errors="replace"):
                 return instance
-        time.sleep(0.2)
+        time.sleep(0.1)
     raise SystemExit(f"no instance launched in {az} reached serving in {timeout} s (launched: {instance})")
 
 
@@ -121,13 +130,10 @@ def rss_kib(pid: str) -> int:
 
 
 def rehearsal_rss_mib(bastion: str, daemon_pid: int) -> dict[str, float]:
-    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     per_ns: dict[str, float] = {}
-    for line in namespaces.splitlines():
-        name = line.split()[0]
-        if name.startswith("i-") or name == bastion:
-            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=False)
-            per_ns[name] = sum(rss_kib(p) for p in pids.stdout.split()) / 1024
+    for name in [*instance_namespaces(), bastion]:
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=False)
+        per_ns[name] = sum(rss_kib(p) for p in pids.stdout.split()) / 1024
     per_ns["daemon"] = rss_kib(str(daemon_pid)) / 1024
     per_ns["total"] = sum(per_ns.values())
     return {k: round(v, 1) for k, v in per_ns.items()}
@@ -213,6 +219,67 @@ grep -h "Registered broker $ID at path" /var/log/kafka-asg/bench/server.log | ta
 """
 
 
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def process_ticks() -> dict[int, int]:
+    """Each process's CPU ticks: its own and those of the children it reaped (user + system)."""
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            ticks[int(entry)] = sum(int(f) for f in fields[11:15])
+    return ticks
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, all) ticks of every core since boot, from /proc/stat (idle and iowait are not busy)."""
+    values = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(values) - values[3] - values[4], sum(values)
+
+
+def boot_cpu(before: tuple[tuple[int, int], dict[int, int]], instance: str) -> dict[str, float]:
+    """Where the machine's CPU went between ``before`` and now, in core-seconds: the new node's JVMs, its agent
+    (with the commands it ran; the user data's own short-lived commands are missed), the region's daemon (the
+    local AWS API), the other instances, the rest (this benchmark, the kernel)."""
+    (busy0, all0), ticks0 = before
+    busy1, all1 = machine_ticks()
+    ticks1 = process_ticks()
+    info = region_info()
+    assert info is not None
+
+    def used(pids: Iterable[int]) -> float:
+        return sum(ticks1.get(p, 0) - ticks0.get(p, 0) for p in pids if p in ticks1) / HZ
+
+    node = instance_processes(instance)
+    others = {p for name in instance_namespaces() if name != instance for p in instance_processes(name)}
+    out = {
+        "window_core_s": round((all1 - all0) / HZ, 2),
+        "busy_core_s": round((busy1 - busy0) / HZ, 2),
+        "node_jvms_core_s": round(used(p for p, cmd in node.items() if is_jvm(cmd)), 2),
+        "node_agent_core_s": round(used(p for p, cmd in node.items() if not is_jvm(cmd)), 2),
+        "daemon_core_s": round(used([info.pid]), 2),
+        "other_instances_core_s": round(used(others), 2),
+    }
+    out["rest_core_s"] = round(
+        out["busy_core_s"] - sum(v for k, v in out.items() if k.startswith(("node", "daemon", "other"))), 2
+    )
+    return out
+
+
+def is_jvm(cmdline: str) -> bool:
+    return Path(cmdline.split(maxsplit=1)[0]).name == "java" if cmdline else False
+
+
+def instance_namespaces() -> list[str]:
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in listing.splitlines() if line.startswith("i-")]
+
+
 def instance_processes(instance: str) -> dict[int, str]:
     """pid -> command line of every process in the instance (by its network namespace: the instances share
     this machine's PID namespace, so a `pkill` inside one would reach the others)."""
@@ -244,7 +311,14 @@ def direct_jvm_seconds(instance: str, ip: str, slot: int, other: str) -> dict[st
     times, registered = in_instance(instance, DIRECT.format(ip=ip, slot=slot, other=other)).strip().splitlines()
     t0, t1 = (float(x) for x in times.split())
     (t2,) = log_times(registered, "Registered broker")
-    return {"zookeeper_in_quorum_s": round(t1 - t0, 2), "member_healthy_s": round(t2 - t0, 2)}
+    # Their CPU from start to just after the registration (the script ends then; JVMs are never reaped children).
+    ticks = process_ticks()
+    jvms = [p for p, cmd in instance_processes(instance).items() if is_jvm(cmd) and "/bench" in cmd]
+    return {
+        "zookeeper_in_quorum_s": round(t1 - t0, 2),
+        "member_healthy_s": round(t2 - t0, 2),
+        "jvms_core_s": round(sum(ticks.get(p, 0) for p in jvms) / HZ, 2),
+    }
 
 
 def main() -> int:
@@ -299,6 +373,14 @@ def main() -> int:
     print(f"| the same JVMs by hand on the rendered config | {b['direct_member_healthy_s']} s | |")
     print(f"| boot overhead (instance running → healthy ÷ JVMs by hand) | {b['boot_overhead_ratio']} | ≤ 1.15 |")
     print(f"| agent CPU until healthy | {b['agent_cpu_s']} s | ≤ 1 s |")
+    busy = f"{b['cpu_busy_core_s']} of {b['cpu_window_core_s']} core-s"
+    print(f"| machine CPU busy, user data started → serving | {busy} | |")
+    print(f"| &nbsp;&nbsp;the new node's JVMs | {b['cpu_node_jvms_core_s']} core-s | |")
+    agent = b["cpu_node_agent_core_s"]
+    print(f"| &nbsp;&nbsp;the new node's agent and user data (with the commands they ran) | {agent} core-s | |")
+    print(f"| &nbsp;&nbsp;the region's daemon (local AWS API, instance launch) | {b['cpu_daemon_core_s']} core-s | |")
+    print(f"| &nbsp;&nbsp;the other instances | {b['cpu_other_instances_core_s']} core-s | |")
+    print(f"| the same JVMs by hand: CPU until registered | {b['direct_jvms_core_s']} core-s | |")
     return 0
 
 
@@ -351,8 +433,10 @@ def clean_boot(slot: int) -> dict[str, float]:
     while f"{old} terminated; its surviving ENIs" not in region_log.read_text():
         time.sleep(0.2)
     log_from = region_log_size()
+    snapshots: list[tuple[tuple[int, int], dict[int, int]]] = []
     asg.set_desired_capacity(AutoScalingGroupName=CLUSTER.asg_name, DesiredCapacity=3)
-    new = wait_for_new_holder(az, log_from)
+    new = wait_for_new_holder(az, log_from, on_user_data=lambda _: snapshots.append((machine_ticks(), process_ticks())))
+    cpu = boot_cpu(snapshots[0], new)  # user data started → the agent's "serving", each seen within 0.1 s
     while not serving():
         time.sleep(0.5)
     assert holder(slot) == new, (holder(slot), new)
@@ -368,6 +452,8 @@ def clean_boot(slot: int) -> dict[str, float]:
         "direct_zookeeper_in_quorum_s": direct["zookeeper_in_quorum_s"],
         "direct_member_healthy_s": direct["member_healthy_s"],
         "boot_overhead_ratio": round(timeline["user_data_to_healthy_s"] / direct["member_healthy_s"], 2),
+        "direct_jvms_core_s": direct["jvms_core_s"],
+        **{f"cpu_{k}": v for k, v in cpu.items()},
     }
 
 
