@@ -84,7 +84,7 @@ def region_log_size() -> int:
 
 
 def wait_for_new_holder(
-    az: str, region_log_from: int, timeout: float = 300, on_user_data: Callable[[str], None] | None = None
+    az: str, region_log_from: int, timeout: float = 300, on_user_data: Callable[[], None] | None = None
 ) -> str:
     """The instance the ASG launches in ``az`` (the region logs it after ``region_log_from``), once its agent
     says serving. Watched by reading the region's log and the instance's log file from its overlay's upper dir on
@@ -102,7 +102,7 @@ def wait_for_new_holder(
             match = launched.search(text)
             instance = match.group(1) if match else None
             if instance is not None and on_user_data is not None and f"{instance}: user data started" in text:
-                on_user_data(instance)  # once, within 0.1 s of the region starting its user data
+                on_user_data()  # once, within 0.1 s of the region starting its user data
                 on_user_data = None
         if instance is not None:
             log = paths.instance_dir(instance) / "upper" / "var" / "log" / "kafka-asg" / "agent.log"
@@ -435,7 +435,7 @@ def clean_boot(slot: int) -> dict[str, float]:
     log_from = region_log_size()
     snapshots: list[tuple[tuple[int, int], dict[int, int]]] = []
     asg.set_desired_capacity(AutoScalingGroupName=CLUSTER.asg_name, DesiredCapacity=3)
-    new = wait_for_new_holder(az, log_from, on_user_data=lambda _: snapshots.append((machine_ticks(), process_ticks())))
+    new = wait_for_new_holder(az, log_from, on_user_data=lambda: snapshots.append((machine_ticks(), process_ticks())))
     cpu = boot_cpu(snapshots[0], new)  # user data started → the agent's "serving", each seen within 0.1 s
     while not serving():
         time.sleep(0.5)
