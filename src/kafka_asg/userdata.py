@@ -17,6 +17,9 @@ AGENT_KEY = "agent/kafka-asg-agent.pyz"
 AGENT_PATH = "/opt/kafka-asg/kafka-asg-agent.pyz"
 # EC2 rejects user data over 16 KB (before base64): https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/user-data.html
 USER_DATA_LIMIT = 16 * 1024
+# How the user data runs Python (the fetcher and the agent): isolated (-I: no PYTHON* variables, no user site) and
+# without site-packages (-S), so only the standard library and what the zipapp carries can be imported.
+AGENT_PYTHON_FLAGS = ("-I", "-S")
 
 _TEMPLATE = """\
 #!/bin/sh
@@ -50,7 +53,10 @@ if ! command -v java >/dev/null 2>&1; then
 fi
 
 mkdir -p "$(dirname "$AGENT")" /var/log/kafka-asg
-"$PY" - "$BUCKET" {agent_key} "$AGENT" "$REGION" <<'S3GET'
+# -I -S: isolated, no site-packages: the fetcher needs only the standard library, the agent only what its zipapp
+# carries (pinned); nothing the AMI's Python has installed is imported, nor read at every start.
+PY_FLAGS={py_flags}
+"$PY" $PY_FLAGS - "$BUCKET" {agent_key} "$AGENT" "$REGION" <<'S3GET'
 {s3get}
 S3GET
 
@@ -67,7 +73,7 @@ Wants=network-online.target
 [Service]
 Environment=SHIV_ROOT=$SHIV_ROOT
 ${{AWS_ENDPOINT_URL:+Environment=AWS_ENDPOINT_URL=$AWS_ENDPOINT_URL}}
-ExecStart=$PY $AGENT $ARGS
+ExecStart=$PY $PY_FLAGS $AGENT $ARGS
 Restart=always
 RestartSec=5
 KillMode=mixed
@@ -80,7 +86,8 @@ UNIT
   systemctl enable --now kafka-asg-agent.service
 else
   # No service manager (e.g. the rehearsal's instances): a detached restart loop does its job.
-  setsid sh -c "while :; do \\"$PY\\" \\"$AGENT\\" $ARGS; echo \\"kafka-asg: agent exited (\\$?)\\"; sleep 5; done" \\
+  AGENT_CMD="\\"$PY\\" $PY_FLAGS \\"$AGENT\\" $ARGS"
+  setsid sh -c "while :; do $AGENT_CMD; echo \\"kafka-asg: agent exited (\\$?)\\"; sleep 5; done" \\
     >>/var/log/kafka-asg/agent.log 2>&1 </dev/null &
 fi
 echo "kafka-asg: agent started"
@@ -96,6 +103,7 @@ def render_user_data(cfg: ClusterConfig) -> str:
         region=shlex.quote(cfg.region),
         agent_path=shlex.quote(AGENT_PATH),
         agent_key=shlex.quote(AGENT_KEY),
+        py_flags=shlex.quote(" ".join(AGENT_PYTHON_FLAGS)),
         s3get=s3get.rstrip("\n"),
     )
     if len(script.encode()) > USER_DATA_LIMIT:

@@ -23,6 +23,7 @@ from kafka_asg.config import seed_config
 from kafka_asg.fsutil import sha256_file
 from kafka_asg.paths import CachePaths
 from kafka_asg.retry import wait_until
+from kafka_asg.userdata import AGENT_PYTHON_FLAGS
 
 SYSTEM_PYTHON = Path("/usr/bin/python3.11")
 SRC = Path(__file__).parents[2] / "src" / "kafka_asg"
@@ -152,9 +153,14 @@ def test_agent_zipapp_runs_on_system_python_with_pruned_botocore(built: Artifact
         "try:\n    import kafka_asg.cli\n"
         "except ImportError:\n    print('no cli')\n"
         "print(kafka_asg.__file__)\n"
+        # Run as the user data runs it: nothing from the system's site-packages (Debian's has pyOpenSSL, which
+        # botocore would import if it could), only the zipapp's pinned packages and the standard library.
+        "outside = sorted({m.split('.')[0] for m, mod in sys.modules.items() if 'packages' in str(getattr(mod, "
+        "'__file__', '')) and '.pyz_' not in str(getattr(mod, '__file__', ''))})\n"
+        "print('outside the zipapp:', outside)\n"
     )
     proc = subprocess.run(
-        [str(SYSTEM_PYTHON), str(built.agent.path), "-c", code],
+        [str(SYSTEM_PYTHON), *AGENT_PYTHON_FLAGS, str(built.agent.path), "-c", code],
         env={**_shiv_env(tmp_path), "SHIV_INTERPRETER": "1"},
         capture_output=True,
         text=True,
@@ -167,6 +173,7 @@ def test_agent_zipapp_runs_on_system_python_with_pruned_botocore(built: Artifact
     assert "ec2 operations 6" in proc.stdout and "autoscaling operations 1" in proc.stdout, proc.stdout
     assert "no boto3" in proc.stdout and "no cli" in proc.stdout  # the agent's modules and botocore only
     assert "kafka-asg-agent.pyz" in proc.stdout  # kafka_asg came from the zipapp, not the checkout
+    assert "outside the zipapp: []" in proc.stdout, proc.stdout
     assert built.agent.path.read_bytes().startswith(b"#!/usr/bin/env python3\n")
 
 

@@ -79,5 +79,10 @@ def test_user_data_is_valid_sh_and_small(seed_like: ClusterConfig, tmp_path: Pat
     subprocess.run(["sh", "-n", str(path)], check=True)
     assert "BUCKET=com.example.event-servers" in script
     assert "run --bucket $BUCKET --region $REGION --cluster $CLUSTER" in script
+    # The fetcher and the agent run isolated, without the system's site-packages (under systemd and without).
+    assert "PY_FLAGS='-I -S'" in script
+    assert '"$PY" $PY_FLAGS - "$BUCKET"' in script
+    assert "ExecStart=$PY $PY_FLAGS $AGENT $ARGS" in script
+    assert 'AGENT_CMD="\\"$PY\\" $PY_FLAGS \\"$AGENT\\" $ARGS"' in script
     # The embedded fetcher is the module itself, so what the tests check is what instances run.
     assert Path(s3get.__file__).read_text().rstrip("\n") in script
