@@ -132,8 +132,7 @@ def rss_kib(pid: str) -> int:
 def rehearsal_rss_mib(bastion: str, daemon_pid: int) -> dict[str, float]:
     per_ns: dict[str, float] = {}
     for name in [*instance_namespaces(), bastion]:
-        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=False)
-        per_ns[name] = sum(rss_kib(p) for p in pids.stdout.split()) / 1024
+        per_ns[name] = sum(rss_kib(str(p)) for p in instance_processes(name)) / 1024
     per_ns["daemon"] = rss_kib(str(daemon_pid)) / 1024
     per_ns["total"] = sum(per_ns.values())
     return {k: round(v, 1) for k, v in per_ns.items()}
@@ -281,9 +280,10 @@ def instance_namespaces() -> list[str]:
 
 
 def instance_processes(instance: str) -> dict[int, str]:
-    """pid -> command line of every process in the instance (by its network namespace: the instances share
-    this machine's PID namespace, so a `pkill` inside one would reach the others)."""
-    pids = subprocess.run(["ip", "netns", "pids", instance], capture_output=True, text=True, check=True).stdout
+    """pid -> command line of every process in the instance (or the bastion), by its network namespace: the
+    instances share this machine's PID namespace, so a `pkill` inside one would reach the others. Empty once the
+    namespace is gone (a terminated instance's, torn down while a boot is measured)."""
+    pids = subprocess.run(["ip", "netns", "pids", instance], capture_output=True, text=True, check=False).stdout
     out: dict[int, str] = {}
     for pid in pids.split():
         try:
