@@ -88,10 +88,18 @@ class MakeFilesystem:
 
 
 @dataclass(frozen=True)
-class Mount:
+class VolumeMount:
     volume_id: str
     device: Path
     mountpoint: Path
+
+
+@dataclass(frozen=True)
+class Mount:
+    """Mount every slot volume that has a filesystem and is not where it belongs, in one step (each mount is a
+    cycle's observation fewer on the way to starting ZooKeeper)."""
+
+    mounts: tuple[VolumeMount, ...]
 
 
 @dataclass(frozen=True)
@@ -363,6 +371,7 @@ def _configure_nic(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision
 
 
 def _prepare_disks(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision | None:
+    unmounted: list[tuple[VolumeRole, VolumeMount, str]] = []
     for role in VOLUME_ROLES:
         vol = view.volume(role)
         assert vol is not None  # _claim_volumes returned early otherwise
@@ -380,12 +389,15 @@ def _prepare_disks(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision
             )
         mountpoint = view.mountpoints[role]
         if disk.mounted_at is None or str(disk.mounted_at) != str(mountpoint):
-            return Decision(
-                Mount(vol.volume_id, disk.device, Path(mountpoint)),
-                f"mounting {disk.device} ({vol.volume_id}, {role}, {disk.filesystem}) at {mountpoint}",
-                "booting",
-            )
-    return None
+            unmounted.append((role, VolumeMount(vol.volume_id, disk.device, Path(mountpoint)), disk.filesystem))
+    if not unmounted:
+        return None
+    return Decision(
+        Mount(tuple(m for _, m, _ in unmounted)),
+        "mounting "
+        + "; ".join(f"{m.device} ({m.volume_id}, {role}, {fs}) at {m.mountpoint}" for role, m, fs in unmounted),
+        "booting",
+    )
 
 
 def _check_identity(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision | None:

@@ -368,7 +368,8 @@ class Agent:
                 self.host.make_filesystem(action.device, action.label)
                 return None
             case Mount():
-                self.host.mount(action.device, action.mountpoint)
+                for mount in action.mounts:
+                    self.host.mount(mount.device, mount.mountpoint)
                 return None
             case InitVolume():
                 self._init_volume(action)

@@ -25,6 +25,7 @@ from kafka_asg.agent.decide import (
     Refuse,
     Render,
     StartServer,
+    VolumeMount,
     decide,
 )
 from kafka_asg.agent.ports import DiskState, EniView, InstanceState, NicState, ServerName, ServerState, VolumeView
@@ -345,8 +346,36 @@ def test_never_mkfs_on_a_device_with_a_filesystem(fs: str) -> None:
     v = view_nic_ready().but(disks={f"vol-{r}": disk(r, filesystem=fs, mounted=False) for r in VOLUME_ROLES})
     d = decide(v, CFG)
     assert not isinstance(d.action, MakeFilesystem)
-    assert d.action == Mount("vol-zk-data", Path("/dev/nvme1n1"), Path("/var/lib/zookeeper/data"))
-    assert d.sentence == f"mounting /dev/nvme1n1 (vol-zk-data, zk-data, {fs}) at /var/lib/zookeeper/data"
+    assert d.action == Mount(
+        (
+            VolumeMount("vol-zk-data", Path("/dev/nvme1n1"), Path("/var/lib/zookeeper/data")),
+            VolumeMount("vol-zk-txlog", Path("/dev/nvme2n1"), Path("/var/lib/zookeeper/transaction-log")),
+            VolumeMount("vol-kafka-log", Path("/dev/nvme3n1"), Path("/var/lib/kafka/event-log")),
+        )
+    )
+    assert d.sentence == (
+        f"mounting /dev/nvme1n1 (vol-zk-data, zk-data, {fs}) at /var/lib/zookeeper/data; "
+        f"/dev/nvme2n1 (vol-zk-txlog, zk-txlog, {fs}) at /var/lib/zookeeper/transaction-log; "
+        f"/dev/nvme3n1 (vol-kafka-log, kafka-log, {fs}) at /var/lib/kafka/event-log"
+    )
+
+
+def test_every_filesystem_is_made_before_the_volumes_are_mounted_together() -> None:
+    disks = {f"vol-{r}": disk(r, filesystem="ext4", mounted=False) for r in VOLUME_ROLES}
+    v = view_nic_ready().but(disks={**disks, "vol-zk-txlog": disk("zk-txlog", filesystem=None, mounted=False)})
+    assert decide(v, CFG).action == MakeFilesystem("vol-zk-txlog", Path("/dev/nvme2n1"), "zk-txlog2")
+
+
+def test_only_the_volumes_not_yet_mounted_are_mounted() -> None:
+    v = view_nic_ready().but(
+        disks={
+            **{f"vol-{r}": disk(r) for r in VOLUME_ROLES},
+            "vol-kafka-log": disk("kafka-log", filesystem="ext4", mounted=False),
+        }
+    )
+    d = decide(v, CFG)
+    assert d.action == Mount((VolumeMount("vol-kafka-log", Path("/dev/nvme3n1"), Path("/var/lib/kafka/event-log")),))
+    assert d.sentence == "mounting /dev/nvme3n1 (vol-kafka-log, kafka-log, ext4) at /var/lib/kafka/event-log"
 
 
 def test_fresh_volume_gets_its_marker() -> None:

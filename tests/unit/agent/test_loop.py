@@ -141,15 +141,14 @@ def test_fresh_boot_reaches_serving(world: FakeWorld, clock: FakeClock, tmp_path
         "configuring ens7 (eni-0002): 10.0.0.21/28, policy routing via table 10001",
         "making a filesystem on /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol2zkdata (vol-2zkdata, zk-data): "
         "it has none",
-        "mounting /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol2zkdata (vol-2zkdata, zk-data, ext4) at "
-        "/var/lib/zookeeper/data",
         "making a filesystem on /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol2zktxlog (vol-2zktxlog, "
         "zk-txlog): it has none",
-        "mounting /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol2zktxlog (vol-2zktxlog, zk-txlog, ext4) at "
-        "/var/lib/zookeeper/transaction-log",
         "making a filesystem on /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol2kafkalog (vol-2kafkalog, "
         "kafka-log): it has none",
-        "mounting /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol2kafkalog (vol-2kafkalog, kafka-log, ext4) at "
+        "mounting /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol2zkdata (vol-2zkdata, zk-data, ext4) at "
+        "/var/lib/zookeeper/data; /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol2zktxlog (vol-2zktxlog, "
+        "zk-txlog, ext4) at /var/lib/zookeeper/transaction-log; "
+        "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol2kafkalog (vol-2kafkalog, kafka-log, ext4) at "
         "/var/lib/kafka/event-log",
         "marking vol-2zkdata as event-servers slot 2 zk-data",
         "marking vol-2zktxlog as event-servers slot 2 zk-txlog",
