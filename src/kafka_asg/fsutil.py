@@ -9,8 +9,11 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` so a reader sees the old file or the new one, never a torn one."""
+def atomic_write(path: Path, data: str | bytes, mode: int = 0o644, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so a reader sees the old file or the new one, never a torn one.
+
+    ``durable=False`` skips the fsync: for files rewritten every few seconds that nothing needs after a power
+    loss (the agent's status); the rename still keeps readers from seeing a torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -18,7 +21,8 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(raw)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:

@@ -99,7 +99,7 @@ def test_configure_nic_is_idempotent_and_routes_replies_via_the_eni(netns: str, 
 def test_a_found_nic_is_reused_for_a_moment_and_forgotten_on_configure(netns: str, tmp_path: Path) -> None:
     now = [100.0]
     host = LinuxHost(
-        AgentPaths(root=tmp_path), command_prefix=("nsenter", f"--net=/run/netns/{netns}"), nic_max_age=0.9,
+        AgentPaths(root=tmp_path), command_prefix=("nsenter", f"--net=/run/netns/{netns}"), reads_max_age=0.9,
         clock=lambda: now[0],
     )  # fmt: skip
     first = host.nic_by_mac(ENI_MAC)
@@ -195,6 +195,27 @@ def test_disk_mkfs_only_when_empty_and_identity_survives_a_remount(ebs_volume: t
     assert remounted is not None
     assert (remounted.filesystem, remounted.mounted_at) == ("ext4", mountpoint)
     assert unmounted.label == "kasg-2-zk-data"  # the label survived the mount cycle (blkid, unmounted)
+
+
+def test_a_probe_is_reused_for_a_moment_but_never_to_format(ebs_volume: tuple[AgentPaths, Path]) -> None:
+    paths, loop = ebs_volume
+    now = [100.0]
+    host = LinuxHost(paths, reads_max_age=0.9, clock=lambda: now[0])
+    empty = host.disk(VOLUME_ID)
+    assert empty is not None and empty.filesystem is None
+    run("mkfs.ext4", "-q", "-L", "someone-else", str(loop))  # behind the agent's back
+    now[0] += 0.5
+    reused = host.disk(VOLUME_ID)
+    assert reused is not None and reused.filesystem is None  # the probe is reused within 0.9 s...
+    with pytest.raises(HostError, match=r"refusing to format .* ext4 \(label someone-else\)"):
+        host.make_filesystem(loop, "kasg-2-zk-data")  # ...but mkfs probes afresh and refuses
+    now[0] += 0.1
+    fresh = host.disk(VOLUME_ID)
+    assert fresh is not None and (fresh.filesystem, fresh.label) == ("ext4", "someone-else")  # forgotten by mkfs
+    now[0] += 1.0
+    host.mount(loop, Path("/var/lib/zookeeper/data"))
+    mounted = host.disk(VOLUME_ID)
+    assert mounted is not None and mounted.mounted_at == Path("/var/lib/zookeeper/data")
 
 
 def test_mount_refuses_a_second_place(ebs_volume: tuple[AgentPaths, Path]) -> None:

@@ -96,3 +96,12 @@ def test_atomic_write_and_sha256(tmp_path: Path) -> None:
     assert target.read_text() == "two\n"
     assert [p.name for p in target.parent.iterdir()] == ["f.txt"]  # no temp file left behind
     assert sha256_file(target) == hashlib.sha256(b"two\n").hexdigest()
+
+
+def test_atomic_write_syncs_unless_told_not_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    monkeypatch.setattr("os.fsync", synced.append)
+    atomic_write(tmp_path / "durable", "x")
+    assert len(synced) == 1
+    atomic_write(tmp_path / "report", "y", durable=False)
+    assert len(synced) == 1 and (tmp_path / "report").read_text() == "y"

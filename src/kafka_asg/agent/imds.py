@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 
 from kafka_asg.agent.ports import Imds, InstanceIdentity
@@ -44,6 +46,10 @@ class HttpImds(Imds):
         each instance's namespace, tests on 127.0.0.1 (``KAFKA_ASG_IMDS_URL``).
     :param timeout: per-request socket timeout (IMDS answers in milliseconds when it answers at all).
     :param retry: policy for connection errors and 503.
+    :param lifecycle_max_age: seconds the target lifecycle state is reused (0: never). The loop reads it every
+        cycle, and a boot runs a dozen cycles back to back; it only changes when the ASG moves the instance
+        into or out of a warm pool, which no boot step races.
+    :param clock: monotonic seconds, for ``lifecycle_max_age``.
     """
 
     def __init__(
@@ -53,6 +59,8 @@ class HttpImds(Imds):
         token_ttl: int = DEFAULT_TOKEN_TTL,
         timeout: float = 2.0,
         retry: Retry | None = None,
+        lifecycle_max_age: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.base_url = (base_url or os.environ.get("KAFKA_ASG_IMDS_URL") or DEFAULT_BASE_URL).rstrip("/")
         self.token_ttl = token_ttl
@@ -60,6 +68,9 @@ class HttpImds(Imds):
         self.retry = retry or Retry(deadline=20.0, delay=0.2, max_delay=2.0)
         self._token: str | None = None
         self._identity: InstanceIdentity | None = None
+        self.lifecycle_max_age = lifecycle_max_age
+        self.clock = clock
+        self._lifecycle: tuple[float, str | None] | None = None
         # IMDS goes through no proxy, whatever the environment says (cloud-init does the same).
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -153,7 +164,12 @@ class HttpImds(Imds):
         return self._identity
 
     def target_lifecycle_state(self) -> str | None:
-        return self._optional("autoscaling/target-lifecycle-state")
+        now = self.clock()
+        if self._lifecycle is not None and now - self._lifecycle[0] < self.lifecycle_max_age:
+            return self._lifecycle[1]
+        state = self._optional("autoscaling/target-lifecycle-state")
+        self._lifecycle = (now, state)
+        return state
 
     def nic_device_number(self, mac: str) -> int | None:
         value = self._optional(f"network/interfaces/macs/{mac}/device-number")

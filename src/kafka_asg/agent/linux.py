@@ -75,20 +75,24 @@ class LinuxHost(Host):
 
     :param paths: instance paths; ``paths.root`` is prepended to every instance path.
     :param command_prefix: prepended to every command, e.g. ``("nsenter", "--net=/run/netns/ns1")``.
-    :param nic_max_age: seconds a found NIC's state is reused (0: never). It takes four ``ip`` processes to
-        read; the loop's 0.2 s waits on its own servers would otherwise spawn twenty a second. Below the boot
-        pace, so only those waits reuse it; :meth:`configure_nic` forgets it.
+    :param reads_max_age: seconds a found NIC's state, and an unmounted device's ``blkid`` probe, are reused
+        (0: never). A NIC takes four ``ip`` processes to read; the loop's 0.2 s waits on its own servers would
+        otherwise spawn twenty a second, and each boot step (NIC, mounts) would probe the three volumes again.
+        Below the boot pace, so only those waits and back-to-back steps reuse them; :meth:`configure_nic`
+        forgets the NIC, :meth:`make_filesystem` and :meth:`mount` the device's probe (and make_filesystem
+        probes afresh before it would write: a reused probe can never lead to formatting a filesystem).
     """
 
     def __init__(
-        self, paths: AgentPaths, command_prefix: Sequence[str] = (), nic_max_age: float = 0.0,
+        self, paths: AgentPaths, command_prefix: Sequence[str] = (), reads_max_age: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:  # fmt: skip
         self.paths = paths
         self.command_prefix = tuple(command_prefix)
-        self.nic_max_age = nic_max_age
+        self.reads_max_age = reads_max_age
         self.clock = clock
         self._nics: dict[str, tuple[float, NicState]] = {}
+        self._probes: dict[tuple[Path, int], tuple[float, dict[str, str]]] = {}  # (device, st_rdev) -> probe
 
     # ------------------------------------------------------------------------------------- commands
 
@@ -157,7 +161,7 @@ class LinuxHost(Host):
     def nic_by_mac(self, mac: str) -> NicState | None:
         wanted = mac.lower()
         seen = self._nics.get(wanted)
-        if seen is not None and self.clock() - seen[0] < self.nic_max_age:
+        if seen is not None and self.clock() - seen[0] < self.reads_max_age:
             return seen[1]
         nic = self._read_nic(wanted)
         if nic is not None:  # a NIC not there yet is looked for again at once: it is being hot-plugged
@@ -212,6 +216,17 @@ class LinuxHost(Host):
         proc = self._run(["blkid", "-p", "-o", "export", str(device)], ok_codes=(0, BLKID_NOTHING_FOUND))
         return parse_blkid_export(proc.stdout) if proc.returncode == 0 else {}
 
+    def _recent_blkid(self, device: Path) -> dict[str, str]:
+        """:meth:`_blkid`, reused for ``reads_max_age`` (keyed by the device node too: a path reused by another
+        volume is probed afresh)."""
+        key = (device, device.stat().st_rdev)
+        seen = self._probes.get(key)
+        if seen is not None and self.clock() - seen[0] < self.reads_max_age:
+            return seen[1]
+        probe = self._blkid(device)
+        self._probes[key] = (self.clock(), probe)
+        return probe
+
     def _mounted_at(self, device: Path) -> Path | None:
         mount = self._mount_of(device)
         return mount[0] if mount is not None else None
@@ -258,12 +273,13 @@ class LinuxHost(Host):
             # Mounted: the kernel says which file system it is; no blkid process every cycle (label unknown,
             # nothing decides on it). make_filesystem probes again anyway before it would write.
             return DiskState(device=device, filesystem=mount[1], label=None, mounted_at=mount[0])
-        probe = self._blkid(device)
+        probe = self._recent_blkid(device)
         # A partition table counts as "not empty": never format over someone's partitions.
         filesystem = probe.get("TYPE") or (f"partition table {probe['PTTYPE']}" if "PTTYPE" in probe else None)
         return DiskState(device=device, filesystem=filesystem, label=probe.get("LABEL"), mounted_at=None)
 
     def make_filesystem(self, device: Path, label: str) -> None:
+        self._forget_probe(device)
         probe = self._blkid(device)
         if probe:
             found = probe.get("TYPE") or probe.get("PTTYPE") or ", ".join(sorted(probe))
@@ -278,9 +294,14 @@ class LinuxHost(Host):
         self._run(["mkfs.ext4", "-q", "-E", "nodiscard", "-L", label[:16], str(device)], timeout=MKFS_TIMEOUT)
         logger.info("created ext4 filesystem %r on %s", label[:16], device)
 
+    def _forget_probe(self, device: Path) -> None:
+        for key in [k for k in self._probes if k[0] == device]:
+            del self._probes[key]
+
     def mount(self, device: Path, mountpoint: Path) -> None:
         """Mount ``device`` at the instance path ``mountpoint`` (mkdir -p). Idempotent; HostError if the
         device is mounted elsewhere or something else is mounted there."""
+        self._forget_probe(device)
         target = self._real(mountpoint)
         current = self._mounted_at(device)
         if current is not None:

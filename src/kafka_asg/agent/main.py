@@ -102,9 +102,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = AgentSettings()
     agent = Agent(
         cfg=cfg,
-        imds=HttpImds(args.imds_url),
+        imds=HttpImds(args.imds_url, lifecycle_max_age=settings.soon_reads_max_age),
         cloud=cloud,
-        host=LinuxHost(paths, nic_max_age=settings.soon_reads_max_age),
+        host=LinuxHost(paths, reads_max_age=settings.soon_reads_max_age),
         services=ProcessServices(paths),
         paths=paths,
         settings=settings,

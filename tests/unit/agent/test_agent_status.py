@@ -40,6 +40,16 @@ def test_missing_or_garbage_is_none(tmp_path: Path) -> None:
     assert read_status(tmp_path / "nope.json") is None
     (tmp_path / "bad.json").write_text("{")
     assert read_status(tmp_path / "bad.json") is None
+    (tmp_path / "empty.json").write_text("")  # what a power loss can leave of a file written without fsync
+    assert read_status(tmp_path / "empty.json") is None
+
+
+def test_the_status_is_written_without_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    monkeypatch.setattr("os.fsync", synced.append)
+    write_status(tmp_path / "status.json", status())
+    assert synced == []
+    assert read_status(tmp_path / "status.json") is not None
 
 
 def test_health_rules() -> None:

@@ -138,6 +138,21 @@ def test_missing_items_are_none(metaserver: FakeMetaServer) -> None:
     assert imds.nic_device_number("02:00:00:00:09:09") is None
 
 
+def test_the_lifecycle_state_is_reused_for_a_moment(metaserver: FakeMetaServer) -> None:
+    now = [100.0]
+    imds = HttpImds(metaserver.url, retry=FAST, lifecycle_max_age=0.9, clock=lambda: now[0])
+    path = "GET /latest/meta-data/autoscaling/target-lifecycle-state"
+    metaserver.meta["autoscaling/target-lifecycle-state"] = "InService"
+    assert imds.target_lifecycle_state() == "InService"
+    metaserver.meta["autoscaling/target-lifecycle-state"] = "Warmed:Stopped"
+    now[0] += 0.5
+    assert imds.target_lifecycle_state() == "InService"  # reused within 0.9 s
+    assert metaserver.requests.count(path) == 1
+    now[0] += 0.5
+    assert imds.target_lifecycle_state() == "Warmed:Stopped"  # read again
+    assert metaserver.requests.count(path) == 2
+
+
 def test_stale_token_is_refreshed_once(metaserver: FakeMetaServer) -> None:
     imds = client(metaserver.url)
     assert imds.target_lifecycle_state() is None
