@@ -54,7 +54,10 @@ PACKAGE_DIR = Path(kafka_asg.__file__).parent
 RECIPE_FORMAT = "2"  # 2: archives gzipped at level 0 (see pack_tree)
 ARCHIVE_GZIP_LEVEL = 0
 # Changes to how the zipapp is built (not to what goes in) that must invalidate a cached one.
-AGENT_BUILD_STEPS = "newest-api-versions-only,pyc-unchecked-hash,agent-modules-only,models-cut-to-agent-operations"
+AGENT_BUILD_STEPS = (
+    "newest-api-versions-only,pyc-unchecked-hash,agent-modules-only,models-cut-to-agent-operations,"
+    "endpoints-cut-to-agent-services"
+)
 # The parts of the kafka_asg package in the zipapp: the agent and what it imports (never the CLI).
 AGENT_PACKAGE_PARTS = frozenset(
     {"__init__.py", "py.typed", "agent", "config.py", "errors.py", "fsutil.py", "paths.py", "retry.py"}
@@ -93,10 +96,11 @@ DISTINCT_SAME_STEM = frozenset({"metrics-core"})
 # The agent's runtime dependencies, pinned from requirements.lock (moto, flask and dev tools stay out).
 # The agent uses botocore's clients directly (agent/aws.py): no boto3, no s3transfer in the zipapp.
 AGENT_REQUIREMENTS = ("botocore", "jmespath", "python-dateutil", "six", "urllib3", "kazoo")
-# The operations the agent calls (agent/aws.py), by service; botocore/data is pruned to these services (plus its
-# top-level files: endpoints.json, partitions.json, sdk-default-configuration.json, _retry.json, which botocore
-# reads at import/client creation) and their models to these operations: EC2's model is 4.4 MB of JSON for 830
-# operations, and parsing it was most of a new agent's client creation (0.15 s of CPU on every boot).
+# The operations the agent calls (agent/aws.py), by service; botocore/data is pruned to these services (plus
+# its top-level files: endpoints.json, cut to these services, partitions.json, sdk-default-configuration.json,
+# _retry.json, which botocore reads at import/client creation) and their models to these operations: EC2's model
+# is 4.4 MB of JSON for 830 operations, and parsing it was most of a new agent's client creation (0.15 s of CPU
+# on every boot).
 AGENT_AWS_OPERATIONS: Mapping[str, tuple[str, ...]] = {
     "ec2": (
         "AttachNetworkInterface",
@@ -428,6 +432,23 @@ def cut_botocore_models(data_dir: Path, operations: Mapping[str, Iterable[str]])
     return freed
 
 
+def cut_endpoints(data_dir: Path, services: Iterable[str]) -> int:
+    """Cut botocore's ``endpoints.json`` to ``services`` in every partition; returns bytes freed.
+
+    botocore parses the whole file (1.2 MB, 250 services) when a session creates its first client: 17 ms of
+    every new agent's start. The partitions, their regions and defaults stay: endpoint resolution for the kept
+    services needs them.
+    """
+    path = data_dir / "endpoints.json"
+    before = path.stat().st_size
+    doc = json.loads(path.read_text())
+    keep = set(services)
+    for partition in doc["partitions"]:
+        partition["services"] = {name: spec for name, spec in partition["services"].items() if name in keep}
+    path.write_text(json.dumps(doc, sort_keys=True))
+    return before - path.stat().st_size
+
+
 # ============================================================================ the cache
 
 
@@ -662,6 +683,7 @@ def build_agent(cache: CachePaths, root: Path, progress: Progress = _log_progres
         shutil.rmtree(site / "kazoo" / "tests", ignore_errors=True)
         freed = prune_botocore_data(site / "botocore" / "data", AGENT_AWS_SERVICES)
         freed += cut_botocore_models(site / "botocore" / "data", AGENT_AWS_OPERATIONS)
+        freed += cut_endpoints(site / "botocore" / "data", AGENT_AWS_SERVICES)
         # Bytecode in the zipapp: a new instance would otherwise compile every module it imports (botocore
         # is large) on each boot. unchecked-hash: shiv's extraction does not keep mtimes, so timestamp-checked
         # .pyc files would be ignored; the zipapp never changes under its hash-named extraction dir.

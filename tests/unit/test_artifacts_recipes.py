@@ -22,6 +22,7 @@ from kafka_asg.artifacts import (
     cached_artifact,
     cmd_artifacts,
     cut_botocore_models,
+    cut_endpoints,
     cut_service_model,
     duplicate_jars,
     ensure_artifacts,
@@ -438,6 +439,11 @@ def test_the_agent_can_call_every_operation_it_uses_on_the_cut_models(tmp_path: 
     shutil.copytree(Path(botocore.__file__).parent / "data", data)
     prune_botocore_data(data, tuple(AGENT_AWS_OPERATIONS))
     assert cut_botocore_models(data, AGENT_AWS_OPERATIONS) > 500_000  # gzipped bytes
+    assert cut_endpoints(data, tuple(AGENT_AWS_OPERATIONS)) > 1_000_000
+    endpoints = json.loads((data / "endpoints.json").read_text())
+    assert {p["partition"] for p in endpoints["partitions"]} >= {"aws", "aws-cn", "aws-us-gov"}
+    assert {s for p in endpoints["partitions"] for s in p["services"]} == set(AGENT_AWS_OPERATIONS)
+    assert "eu-west-1" in endpoints["partitions"][0]["regions"]
     session = botocore.session.Session()
     session.get_component("data_loader").search_paths.insert(0, str(data))
     calls: dict[str, list[tuple[str, dict[str, Any]]]] = {
