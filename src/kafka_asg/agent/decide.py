@@ -166,12 +166,13 @@ Action = (
 
 
 # How soon the loop looks again after a wait:
-# - "soon": something on this node that takes moments (a device showing up, the own server starting);
+# - "device": a NIC or volume this node attached, showing up in the OS (hot-plug: milliseconds to seconds);
+# - "soon": something on this node that takes moments (the own server starting);
 # - "boot": EC2 or another instance (the old holder's shutdown): the boot pace, which keeps API calls low;
 # - "watched": a change a ZooKeeper watch reports (Services.on_change wakes the loop): polled only as a fallback;
 # - "idle": serving, standing by, refused: a slow heartbeat (a surplus instance may stand by for days).
 # None: by the state (booting -> "boot", anything else -> "idle").
-Pace = Literal["soon", "boot", "watched", "idle"]
+Pace = Literal["device", "soon", "boot", "watched", "idle"]
 
 
 @dataclass(frozen=True)
@@ -358,7 +359,7 @@ def _role(vol: VolumeView) -> VolumeRole:
 def _configure_nic(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision | None:
     nic = view.nic
     if nic is None:
-        return _wait(f"waiting: the NIC of {eni.eni_id} (MAC {eni.mac}) is not visible to the OS yet", pace="soon")
+        return _wait(f"waiting: the NIC of {eni.eni_id} (MAC {eni.mac}) is not visible to the OS yet", pace="device")
     if nic.up and eni.ip in nic.addresses and nic.has_policy_route:
         return None
     table = ROUTE_TABLE_BASE + ENI_DEVICE_INDEX
@@ -378,7 +379,7 @@ def _prepare_disks(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision
         disk = view.disks.get(vol.volume_id)
         if disk is None:
             return _wait(
-                f"waiting: volume {vol.volume_id} ({role}) is not visible under /dev/disk/by-id yet", pace="soon"
+                f"waiting: volume {vol.volume_id} ({role}) is not visible under /dev/disk/by-id yet", pace="device"
             )
         if disk.filesystem is None:
             # mkfs only on a device with no filesystem at all: a replacement keeps the slot's data.

@@ -288,6 +288,7 @@ class FakeHost(Host):
         self.files: dict[str, bytes] = {}  # root disk: absolute path -> bytes
         self.mkfs_calls: list[str] = []
         self.removed_dirs: list[str] = []
+        self.plugging: set[str] = set()  # volume ids attached in EC2 but not shown by the OS yet (hot-plug)
 
     def _eni_by_mac(self, mac: str) -> FakeEni | None:
         return next((e for e in self.world.enis.values() if e.mac == mac), None)
@@ -324,6 +325,8 @@ class FakeHost(Host):
         vol = self.world.volumes.get(volume_id)
         if vol is None or vol.attached_to != self.instance_id:
             self.mounts.pop(volume_id, None)
+            return None
+        if volume_id in self.plugging:
             return None
         mounted = self.mounts.get(volume_id)
         return DiskState(

@@ -48,7 +48,7 @@ from kafka_asg.agent.decide import (
     decide,
 )
 from kafka_asg.agent.ports import Cloud, Host, Imds, InstanceIdentity, ServerName, Services
-from kafka_asg.agent.reads import RecentReads
+from kafka_asg.agent.reads import ALL_READS, VOLUME_READS, ReadKind, RecentReads
 from kafka_asg.agent.snapshot import MARKER_NAME, SERVER_NAMES, Memory, NodeView, observe, remember
 from kafka_asg.agent.status import Status, write_status
 from kafka_asg.config import ClusterConfig, VolumeRole
@@ -70,9 +70,16 @@ logger = logging.getLogger(__name__)
 TAG_PREFIX = "kafka-asg:"
 MAX_TAG_VALUE = 255  # EC2 tag values are at most 256 Unicode characters
 PROTECT_STEP = "scale-in-protection"  # a per-instance step (semaphore)
+# Waits on this node's own devices and servers: EC2 reads are reused across them (reads.py).
+OWN_PACES: frozenset[Pace] = frozenset({"device", "soon"})
 MAX_CHAINED_CYCLES = 50  # boot steps run back to back at most this many times before a pause
-# Steps after which the EC2 reads (slot ENIs, volumes, holders) must be read afresh: they change them.
-EC2_CHANGING_ACTIONS = (ClaimEni, AttachVolumes, Fence)
+# Steps after which EC2 reads must be read afresh, because they change them: a claim or a fence everything (slot
+# ENIs, volumes, holders), attaching volumes only the volumes.
+STALE_READS: Mapping[type[Action], tuple[ReadKind, ...]] = {
+    ClaimEni: ALL_READS,
+    Fence: ALL_READS,
+    AttachVolumes: VOLUME_READS,
+}
 
 
 class Clock(Protocol):
@@ -109,8 +116,13 @@ class AgentSettings:
     # Twice a second: noticing the old holder's ENI released is boot time (2 EC2 Describe calls per look, well
     # inside EC2's request-rate budget: https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-throttling.html).
     booting_interval: float = 0.5
-    soon_interval: float = 0.2  # a wait on this node's own devices or servers (pace "soon")
-    soon_reads_max_age: float = 0.9  # EC2 and NIC reads reused across "soon" waits (agent/reads.py)
+    soon_interval: float = 0.2  # a wait on this node's own servers (pace "soon")
+    # A wait for a NIC or volume it attached to show up (pace "device"): every 50 ms for the first second (the
+    # rehearsal plugs a device within ~0.1 s of the attach call), then at the soon pace (EBS on Nitro: seconds).
+    device_interval: float = 0.05
+    device_fast_seconds: float = 1.0
+    # EC2, IMDS lifecycle, NIC and blkid reads reused across waits on its own devices and servers (reads.py)
+    soon_reads_max_age: float = 0.9
     watched_interval: float = 2.0  # a wait a ZooKeeper watch ends (pace "watched"): the poll is the fallback
     serving_interval: float = 5.0  # also standby and refused
     heartbeat_seconds: float = 60.0  # report() at least this often, even when nothing changed
@@ -241,8 +253,9 @@ class Agent:
         self.state: NodeState = "booting"
         self.halted = False
         self.progressed = False  # the last cycle executed a step (boot progress) rather than waiting
-        self.changed_ec2 = False  # ... and that step changed what the EC2 reads say (claim, attach, fence)
+        self.stale_reads: tuple[ReadKind, ...] = ()  # ... and the EC2 reads that step changed (STALE_READS)
         self.pace: Pace = "boot"  # how soon the last cycle's decision wants to look again
+        self._device_wait_since: float | None = None  # when the current run of "device" waits began
         self.cycle = 0
         self.last_view: NodeView | None = None
         self._started_at = self.clock.time()
@@ -261,11 +274,10 @@ class Agent:
     def run_cycle(self) -> str:
         """Observe, decide, execute; return the sentence that explains this cycle."""
         self.cycle += 1
-        if self.changed_ec2 or (not self.progressed and self.pace != "soon"):
-            # EC2 reads are reused only across this node's own steps (mount, render, start) and its waits on
-            # its own devices and servers; after its own claim or attach, and before any other wait, read afresh.
-            self.reads.forget()
-        self.progressed = self.changed_ec2 = False
+        # EC2 reads are reused only across this node's own steps (mount, render, start) and its waits on its own
+        # devices and servers; before any other wait, read afresh, and after its own claim or attach, what it changed.
+        self.reads.forget(ALL_READS if not self.progressed and self.pace not in OWN_PACES else self.stale_reads)
+        self.progressed, self.stale_reads = False, ()
         self.pace = "boot"
         view: NodeView | None = None
         try:
@@ -286,7 +298,11 @@ class Agent:
             decision = decide(view, self.cfg)
             outcome = self._execute(decision.action, view)
             state, self.pace = decision.state, decision.recheck
-            self.changed_ec2 = isinstance(decision.action, EC2_CHANGING_ACTIONS)
+            if self.pace != "device":
+                self._device_wait_since = None
+            elif self._device_wait_since is None:
+                self._device_wait_since = self.clock.monotonic()
+            self.stale_reads = STALE_READS.get(type(decision.action), ())
             if outcome is None:
                 sentence = decision.sentence
                 # A step done (not a wait): the next cycle may run at once.
@@ -614,6 +630,10 @@ class Agent:
     @property
     def interval(self) -> float:
         """Seconds until the next cycle after a wait, by the pace of the last decision."""
+        if self.pace == "device":
+            since = self._device_wait_since
+            fast = since is not None and self.clock.monotonic() - since < self.settings.device_fast_seconds
+            return self.settings.device_interval if fast else self.settings.soon_interval
         return {
             "soon": self.settings.soon_interval,
             "watched": self.settings.watched_interval,

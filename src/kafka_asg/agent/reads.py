@@ -5,7 +5,7 @@ EC2 side (slot ENIs, slot volumes, holders) does not change meanwhile unless the
 describing it five times a second was most of the agent's CPU during a boot. Reads are reused for at most
 ``max_age`` seconds and only across such waits and the node's own steps (mount, render, start: the boot runs
 them back to back), never across a wait on EC2 or another instance, and forgotten after every step that
-changes them (the agent's own claim or attach is read back at once). EC2's
+changes them (the agent's own claim is read back at once, and after attaching volumes, the volumes). EC2's
 Describe* calls are eventually consistent on that scale anyway (EC2 API reference, "Eventual consistency").
 Fencing is unaffected in kind: a lost slot is seen at most ``max_age`` later.
 
@@ -15,13 +15,17 @@ One read is kept for good: an instance seen ``shutting-down`` or ``terminated`` 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import Literal, TypeVar, cast
 
 from kafka_asg.agent.ports import Cloud, EniView, InstanceState, VolumeView
 
 T = TypeVar("T")
+ReadKind = Literal["enis", "volumes", "instance volumes", "state"]
+ALL_READS: tuple[ReadKind, ...] = ("enis", "volumes", "instance volumes", "state")
+# What attaching a volume makes stale: the volume reads only (the ENIs and instance states are unchanged).
+VOLUME_READS: tuple[ReadKind, ...] = ("volumes", "instance volumes")
 # No way back from these: shutting-down only ever becomes terminated (unlike stopping/stopped, which can run again).
 FINAL_STATES: frozenset[InstanceState] = frozenset({"shutting-down", "terminated"})
 
@@ -36,8 +40,11 @@ class RecentReads(Cloud):
         self._cache: dict[Hashable, tuple[float, object]] = {}
         self._gone: dict[str, InstanceState] = {}  # instances seen on their way to terminated: final
 
-    def forget(self) -> None:
-        self._cache.clear()
+    def forget(self, kinds: Iterable[ReadKind] = ALL_READS) -> None:
+        """Drop the reads of ``kinds`` (all by default): the next ones go to EC2."""
+        stale = set(kinds)
+        for key in [k for k in self._cache if isinstance(k, tuple) and k[0] in stale]:
+            del self._cache[key]
 
     def _read(self, key: Hashable, fetch: Callable[[], T]) -> T:
         now = self.clock()
@@ -72,11 +79,11 @@ class RecentReads(Cloud):
         self.cloud.attach_eni(eni_id, instance_id, device_index)
 
     def attach_volume(self, volume_id: str, instance_id: str, device: str) -> None:
-        self.forget()
+        self.forget(VOLUME_READS)
         self.cloud.attach_volume(volume_id, instance_id, device)
 
     def set_scale_in_protection(self, asg_name: str, instance_id: str, protected: bool) -> None:
-        self.forget()
+        # An Auto Scaling setting: nothing the EC2 reads show changes.
         self.cloud.set_scale_in_protection(asg_name, instance_id, protected)
 
     def report(self, instance_id: str, tags: Mapping[str, str]) -> None:

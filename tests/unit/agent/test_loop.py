@@ -302,21 +302,51 @@ def test_waits_on_its_own_servers_reuse_ec2_reads(world: FakeWorld, clock: FakeC
     assert world.calls.count("slot_enis") == before + 1  # read once, reused for 0.9 s of 0.2 s waits
 
 
+def test_a_volume_being_plugged_is_looked_for_every_50_ms_for_a_second_then_at_the_soon_pace(
+    world: FakeWorld, clock: FakeClock, tmp_path: Path
+) -> None:
+    node = boot(world, tmp_path, "i-first", clock)
+    node.host.plugging.add("vol-2zkdata")
+    waiting = "waiting: volume vol-2zkdata (zk-data) is not visible under /dev/disk/by-id yet"
+    run(node, clock, "configuring ens7 (eni-0002): 10.0.0.21/28, policy routing via table 10001")
+    assert node.agent.run_cycle() == waiting
+    settings = AgentSettings()
+    intervals = [node.agent.interval]
+    describes = world.calls.count("slot_volumes")
+    started = clock.monotonic()
+    while clock.monotonic() < started + 1.5:  # well past the fast second
+        clock.advance(intervals[-1])
+        assert node.agent.run_cycle() == waiting
+        intervals.append(node.agent.interval)
+    assert intervals[0] == settings.device_interval
+    assert set(intervals[: int(settings.device_fast_seconds / settings.device_interval) - 1]) == {0.05}
+    assert intervals[-1] == settings.soon_interval
+    assert world.calls.count("slot_volumes") - describes <= 3  # EC2 reads reused across the waits
+    node.host.plugging.clear()
+    clock.advance(intervals[-1])
+    assert node.agent.run_cycle().startswith("making a filesystem on ")
+    assert node.agent.interval == settings.booting_interval  # the next wait starts at its own pace
+
+
 def test_its_own_boot_steps_reuse_ec2_reads_its_claim_and_attach_do_not(
     world: FakeWorld, clock: FakeClock, tmp_path: Path
 ) -> None:
     node = boot(world, tmp_path, "i-first", clock)
-    cycles: list[tuple[str, int]] = []  # (sentence, slot ENI describes in that cycle)
+    cycles: list[tuple[str, int, int]] = []  # (sentence, slot ENI describes, slot volume describes in that cycle)
     while not cycles or not cycles[-1][0].startswith("starting zookeeper"):
         assert len(cycles) < 40, cycles
-        before = world.calls.count("slot_enis")
-        cycles.append((node.agent.run_cycle(), world.calls.count("slot_enis") - before))
-    sentences = [s for s, _ in cycles]
+        enis, volumes = world.calls.count("slot_enis"), world.calls.count("slot_volumes")
+        sentence = node.agent.run_cycle()
+        cycles.append((sentence, world.calls.count("slot_enis") - enis, world.calls.count("slot_volumes") - volumes))
+    sentences = [s for s, _, _ in cycles]
     after_claim = sentences.index("protecting i-first from scale-in: it holds slot 2 (eni-0002)")
+    after_protect = after_claim + 1
     after_attach = next(i for i, s in enumerate(sentences) if s.startswith("attaching slot 2 volumes")) + 1
-    assert cycles[after_claim][1] == 1 and cycles[after_attach][1] == 1  # read afresh after changing EC2
+    assert cycles[after_claim][1:] == (1, 1)  # the claim changed the ENIs: everything read afresh
+    assert cycles[after_protect][1:] == (0, 0)  # scale-in protection changes nothing EC2 describes
+    assert cycles[after_attach][1:] == (0, 1)  # the attach changed the volumes only
     # mkfs, mount, marker, install, render, start: EC2 is not described again (the clock stood still here).
-    assert [n for _, n in cycles[after_attach + 1 :]] == [0] * (len(cycles) - after_attach - 1)
+    assert [c[1:] for c in cycles[after_attach + 1 :]] == [(0, 0)] * (len(cycles) - after_attach - 1)
 
 
 def test_the_wait_for_its_broker_is_woken_by_the_registration(

@@ -35,13 +35,33 @@ def test_different_arguments_are_different_reads() -> None:
     assert world.calls.count("slot_enis") == 2
 
 
-def test_a_write_forgets_everything_read() -> None:
+def test_a_claim_forgets_everything_read() -> None:
     world, _, reads = make()
     assert reads.slot_enis("c", "subnet-1b")[0].attached_to is None
+    reads.slot_volumes("c", 2)
     reads.attach_eni("eni-0002", "i-self", 1)
     # Read back at once: the claim is checked against what EC2 says now, never against a cached read.
     assert reads.slot_enis("c", "subnet-1b")[0].attached_to == "i-self"
-    assert world.calls.count("slot_enis") == 2
+    reads.slot_volumes("c", 2)
+    assert (world.calls.count("slot_enis"), world.calls.count("slot_volumes")) == (2, 2)
+
+
+def test_an_attached_volume_forgets_the_volume_reads_only() -> None:
+    world, _, reads = make()
+    reads.slot_enis("c", "subnet-1b")
+    assert reads.slot_volumes("c", 2)[0].attached_to is None
+    reads.attach_volume("vol-2zkdata", "i-self", "/dev/sdf")
+    assert reads.slot_volumes("c", 2)[0].attached_to == "i-self"
+    reads.slot_enis("c", "subnet-1b")
+    assert (world.calls.count("slot_enis"), world.calls.count("slot_volumes")) == (1, 2)
+
+
+def test_scale_in_protection_forgets_nothing() -> None:
+    world, _, reads = make()
+    reads.slot_enis("c", "subnet-1b")
+    reads.set_scale_in_protection("asg", "i-self", True)
+    reads.slot_enis("c", "subnet-1b")
+    assert world.calls.count("slot_enis") == 1
 
 
 def test_objects_and_reports_are_never_cached(tmp_path: Path) -> None:
