@@ -124,12 +124,15 @@ def test_agent_runs_real_zookeeper_then_kafka(tmp_path: Path) -> None:
             "protecting i-jvm from scale-in: it holds slot 1 (eni-0001)",
             f"configuring ens6 (eni-0001): {ip}/28, policy routing via table 10001",
         ]
-        assert sentences[9:12] == [
+        # Three filesystems, one step each, then one step mounts all three.
+        assert [s.split(" on ")[0] for s in sentences[3:6]] == ["making a filesystem"] * 3
+        assert sentences[6].startswith("mounting ") and sentences[6].count(" at /") == 3
+        assert sentences[7:10] == [
             "marking vol-i-jvm-zk-data as event-servers slot 1 zk-data",
             "marking vol-i-jvm-zk-txlog as event-servers slot 1 zk-txlog",
             "marking vol-i-jvm-kafka-log as event-servers slot 1 kafka-log",
         ]
-        assert sentences[12] == "installing zookeeper 3.8.7"
+        assert sentences[10] == "installing zookeeper 3.8.7"
         assert sentences.index("installing kafka 3.9.2") > sentences.index(
             f"starting zookeeper (server.1, {ip}:{cfg.ports.zk_client})"
         )
