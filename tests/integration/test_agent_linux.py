@@ -207,6 +207,11 @@ def test_a_probe_is_reused_for_a_moment_but_never_to_format(ebs_volume: tuple[Ag
     now[0] += 0.5
     reused = host.disk(VOLUME_ID)
     assert reused is not None and reused.filesystem is None  # the probe is reused within 0.9 s...
+    other = paths.under_root(ebs_device_link("vol-0000000000000000e"))
+    other.symlink_to(loop)  # another volume on the same device node (a detach, then an attach): probed afresh
+    seen = host.disk("vol-0000000000000000e")
+    assert seen is not None and seen.filesystem == "ext4"
+    other.unlink()
     with pytest.raises(HostError, match=r"refusing to format .* ext4 \(label someone-else\)"):
         host.make_filesystem(loop, "kasg-2-zk-data")  # ...but mkfs probes afresh and refuses
     now[0] += 0.1

@@ -92,7 +92,8 @@ class LinuxHost(Host):
         self.reads_max_age = reads_max_age
         self.clock = clock
         self._nics: dict[str, tuple[float, NicState]] = {}
-        self._probes: dict[tuple[Path, int], tuple[float, dict[str, str]]] = {}  # (device, st_rdev) -> probe
+        # (volume id, device, st_rdev) -> (when, probe)
+        self._probes: dict[tuple[str, Path, int], tuple[float, dict[str, str]]] = {}
 
     # ------------------------------------------------------------------------------------- commands
 
@@ -216,10 +217,10 @@ class LinuxHost(Host):
         proc = self._run(["blkid", "-p", "-o", "export", str(device)], ok_codes=(0, BLKID_NOTHING_FOUND))
         return parse_blkid_export(proc.stdout) if proc.returncode == 0 else {}
 
-    def _recent_blkid(self, device: Path) -> dict[str, str]:
-        """:meth:`_blkid`, reused for ``reads_max_age`` (keyed by the device node too: a path reused by another
-        volume is probed afresh)."""
-        key = (device, device.stat().st_rdev)
+    def _recent_blkid(self, volume_id: str, device: Path) -> dict[str, str]:
+        """:meth:`_blkid`, reused for ``reads_max_age``; keyed by volume id and device node, so a device name
+        another volume gets after a detach is probed afresh."""
+        key = (volume_id, device, device.stat().st_rdev)
         seen = self._probes.get(key)
         if seen is not None and self.clock() - seen[0] < self.reads_max_age:
             return seen[1]
@@ -273,7 +274,7 @@ class LinuxHost(Host):
             # Mounted: the kernel says which file system it is; no blkid process every cycle (label unknown,
             # nothing decides on it). make_filesystem probes again anyway before it would write.
             return DiskState(device=device, filesystem=mount[1], label=None, mounted_at=mount[0])
-        probe = self._recent_blkid(device)
+        probe = self._recent_blkid(volume_id, device)
         # A partition table counts as "not empty": never format over someone's partitions.
         filesystem = probe.get("TYPE") or (f"partition table {probe['PTTYPE']}" if "PTTYPE" in probe else None)
         return DiskState(device=device, filesystem=filesystem, label=probe.get("LABEL"), mounted_at=None)
@@ -295,7 +296,7 @@ class LinuxHost(Host):
         logger.info("created ext4 filesystem %r on %s", label[:16], device)
 
     def _forget_probe(self, device: Path) -> None:
-        for key in [k for k in self._probes if k[0] == device]:
+        for key in [k for k in self._probes if k[1] == device]:
             del self._probes[key]
 
     def mount(self, device: Path, mountpoint: Path) -> None:
