@@ -21,6 +21,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 
 from kafka_asg.agent.ports import Imds, InstanceIdentity
+from kafka_asg.agent.reads import Recent
 from kafka_asg.errors import CloudError, NotFoundError, Unavailable
 from kafka_asg.retry import Retry
 
@@ -68,9 +69,7 @@ class HttpImds(Imds):
         self.retry = retry or Retry(deadline=20.0, delay=0.2, max_delay=2.0)
         self._token: str | None = None
         self._identity: InstanceIdentity | None = None
-        self.lifecycle_max_age = lifecycle_max_age
-        self.clock = clock
-        self._lifecycle: tuple[float, str | None] | None = None
+        self._lifecycle = Recent(clock, lifecycle_max_age)
         # IMDS goes through no proxy, whatever the environment says (cloud-init does the same).
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -164,12 +163,8 @@ class HttpImds(Imds):
         return self._identity
 
     def target_lifecycle_state(self) -> str | None:
-        now = self.clock()
-        if self._lifecycle is not None and now - self._lifecycle[0] < self.lifecycle_max_age:
-            return self._lifecycle[1]
-        state = self._optional("autoscaling/target-lifecycle-state")
-        self._lifecycle = (now, state)
-        return state
+        item = "autoscaling/target-lifecycle-state"
+        return self._lifecycle.get(item, lambda: self._optional(item))
 
     def nic_device_number(self, mac: str) -> int | None:
         value = self._optional(f"network/interfaces/macs/{mac}/device-number")

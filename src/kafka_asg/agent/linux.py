@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kafka_asg.agent.ports import DiskState, Host, NicState
+from kafka_asg.agent.reads import Recent
 from kafka_asg.errors import HostError
 from kafka_asg.fsutil import atomic_write
 from kafka_asg.paths import AgentPaths
@@ -89,11 +90,8 @@ class LinuxHost(Host):
     ) -> None:  # fmt: skip
         self.paths = paths
         self.command_prefix = tuple(command_prefix)
-        self.reads_max_age = reads_max_age
-        self.clock = clock
-        self._nics: dict[str, tuple[float, NicState]] = {}
-        # (volume id, device, st_rdev) -> (when, probe)
-        self._probes: dict[tuple[str, Path, int], tuple[float, dict[str, str]]] = {}
+        self._nics = Recent(clock, reads_max_age)  # MAC -> NicState
+        self._probes = Recent(clock, reads_max_age)  # (volume id, device, st_rdev) -> blkid probe
 
     # ------------------------------------------------------------------------------------- commands
 
@@ -161,13 +159,8 @@ class LinuxHost(Host):
 
     def nic_by_mac(self, mac: str) -> NicState | None:
         wanted = mac.lower()
-        seen = self._nics.get(wanted)
-        if seen is not None and self.clock() - seen[0] < self.reads_max_age:
-            return seen[1]
-        nic = self._read_nic(wanted)
-        if nic is not None:  # a NIC not there yet is looked for again at once: it is being hot-plugged
-            self._nics[wanted] = (self.clock(), nic)
-        return nic
+        # A NIC not there yet is looked for again at once: it is being hot-plugged.
+        return self._nics.get(wanted, lambda: self._read_nic(wanted), keep=lambda nic: nic is not None)
 
     def _read_nic(self, wanted: str) -> NicState | None:
         for link in self._ip_json("link", "show"):
@@ -195,7 +188,7 @@ class LinuxHost(Host):
         (AWS: two NICs in one subnet route asymmetrically; the VPC drops packets whose source IP does not
         belong to the NIC they leave by). Idempotent.
         """
-        self._nics.clear()
+        self._nics.forget()
         if ip not in subnet:
             raise HostError(f"{ip} is not in {subnet}: the slot's ENI must be in its subnet")
         gateway = subnet.network_address + 1  # the VPC router: base+1 of every subnet
@@ -220,13 +213,7 @@ class LinuxHost(Host):
     def _recent_blkid(self, volume_id: str, device: Path) -> dict[str, str]:
         """:meth:`_blkid`, reused for ``reads_max_age``; keyed by volume id and device node, so a device name
         another volume gets after a detach is probed afresh."""
-        key = (volume_id, device, device.stat().st_rdev)
-        seen = self._probes.get(key)
-        if seen is not None and self.clock() - seen[0] < self.reads_max_age:
-            return seen[1]
-        probe = self._blkid(device)
-        self._probes[key] = (self.clock(), probe)
-        return probe
+        return self._probes.get((volume_id, device, device.stat().st_rdev), lambda: self._blkid(device))
 
     def _mounted_at(self, device: Path) -> Path | None:
         mount = self._mount_of(device)
@@ -296,8 +283,7 @@ class LinuxHost(Host):
         logger.info("created ext4 filesystem %r on %s", label[:16], device)
 
     def _forget_probe(self, device: Path) -> None:
-        for key in [k for k in self._probes if k[1] == device]:
-            del self._probes[key]
+        self._probes.forget(lambda key: isinstance(key, tuple) and key[1] == device)
 
     def mount(self, device: Path, mountpoint: Path) -> None:
         """Mount ``device`` at the instance path ``mountpoint`` (mkdir -p). Idempotent; HostError if the

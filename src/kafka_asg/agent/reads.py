@@ -30,30 +30,51 @@ VOLUME_READS: tuple[ReadKind, ...] = ("volumes", "instance volumes")
 FINAL_STATES: frozenset[InstanceState] = frozenset({"shutting-down", "terminated"})
 
 
+def _always(value: object) -> bool:
+    return True
+
+
+class Recent:
+    """Reads kept for ``max_age`` seconds by ``clock`` (0: never kept): the agent's one way of reusing a read for
+    a moment (EC2 reads here; the NIC and ``blkid`` probes in linux.py; the lifecycle state in imds.py)."""
+
+    def __init__(self, clock: Callable[[], float], max_age: float) -> None:
+        self.clock = clock
+        self.max_age = max_age
+        self._kept: dict[Hashable, tuple[float, object]] = {}
+
+    def get(self, key: Hashable, fetch: Callable[[], T], *, keep: Callable[[T], bool] = _always) -> T:
+        """The value kept under ``key`` if younger than ``max_age``, else ``fetch()`` (kept if ``keep`` says so)."""
+        now = self.clock()
+        hit = self._kept.get(key)
+        if hit is not None and now - hit[0] < self.max_age:
+            return cast(T, hit[1])  # stored by this method under this key, from the same fetch
+        value = fetch()
+        if keep(value):
+            self._kept[key] = (now, value)
+        return value
+
+    def forget(self, stale: Callable[[Hashable], bool] = _always) -> None:
+        """Drop the reads whose key is ``stale`` (all by default)."""
+        for key in [k for k in self._kept if stale(k)]:
+            del self._kept[key]
+
+
 class RecentReads(Cloud):
     """Reads of ``cloud`` reused for ``max_age`` seconds (by ``clock``); writes pass straight through."""
 
     def __init__(self, cloud: Cloud, clock: Callable[[], float], max_age: float) -> None:
         self.cloud = cloud
-        self.clock = clock
-        self.max_age = max_age
-        self._cache: dict[Hashable, tuple[float, object]] = {}
+        self._recent = Recent(clock, max_age)
         self._gone: dict[str, InstanceState] = {}  # instances seen on their way to terminated: final
 
     def forget(self, kinds: Iterable[ReadKind] = ALL_READS) -> None:
         """Drop the reads of ``kinds`` (all by default): the next ones go to EC2."""
         stale = set(kinds)
-        for key in [k for k in self._cache if isinstance(k, tuple) and k[0] in stale]:
-            del self._cache[key]
+        self._recent.forget(lambda key: isinstance(key, tuple) and key[0] in stale)
 
-    def _read(self, key: Hashable, fetch: Callable[[], T]) -> T:
-        now = self.clock()
-        hit = self._cache.get(key)
-        if hit is not None and now - hit[0] < self.max_age:
-            return cast(T, hit[1])  # stored by this method under this key, from the same fetch
-        value = fetch()
-        self._cache[key] = (now, value)
-        return value
+    def _read(self, key: tuple[ReadKind, str] | tuple[ReadKind, str, object], fetch: Callable[[], T]) -> T:
+        return self._recent.get(key, fetch)
 
     # reads ---------------------------------------------------------------------------------------------
     def slot_enis(self, cluster: str, subnet_id: str) -> Sequence[EniView]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kafka_asg.agent.fakes import FakeClock, FakeCloud, FakeWorld
-from kafka_asg.agent.reads import RecentReads
+from kafka_asg.agent.reads import Recent, RecentReads
 
 
 def make() -> tuple[FakeWorld, FakeClock, RecentReads]:
@@ -86,3 +86,27 @@ def test_a_holder_seen_shutting_down_is_not_described_again() -> None:
     # shutting-down only ever becomes terminated; a stopping instance can be started again: described every time.
     assert world.calls.count("instance_state i-dying") == 1
     assert world.calls.count("instance_state i-stopping") == 3
+
+
+def test_recent_keeps_what_keep_accepts_for_max_age_and_forgets_what_is_stale() -> None:
+    clock = FakeClock()
+    fetched: list[str] = []
+
+    def fetch(value: str | None) -> str | None:
+        fetched.append(str(value))
+        return value
+
+    recent = Recent(clock.monotonic, max_age=0.9)
+    assert recent.get("nic", lambda: fetch(None), keep=lambda v: v is not None) is None
+    assert recent.get("nic", lambda: fetch("ens6"), keep=lambda v: v is not None) == "ens6"  # None was not kept
+    assert recent.get("nic", lambda: fetch("ens7")) == "ens6"
+    assert recent.get(("probe", "a"), lambda: fetch("ext4")) == "ext4"
+    recent.forget(lambda key: key == "nic")
+    assert recent.get("nic", lambda: fetch("ens8")) == "ens8"
+    assert recent.get(("probe", "a"), lambda: fetch("xfs")) == "ext4"
+    clock.advance(1.0)
+    assert recent.get(("probe", "a"), lambda: fetch("xfs")) == "xfs"
+    assert fetched == ["None", "ens6", "ext4", "ens8", "xfs"]
+    never = Recent(clock.monotonic, max_age=0.0)
+    assert [never.get("k", lambda: fetch("x")) for _ in range(2)] == ["x", "x"]
+    assert fetched[-2:] == ["x", "x"]
