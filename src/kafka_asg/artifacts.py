@@ -16,7 +16,6 @@ import argparse
 import fcntl
 import gzip
 import hashlib
-import json
 import logging
 import os
 import re
@@ -33,7 +32,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
-from typing import Any
 
 import kafka_asg
 from kafka_asg.config import ClusterConfig, ServerSpec
@@ -54,13 +52,10 @@ PACKAGE_DIR = Path(kafka_asg.__file__).parent
 RECIPE_FORMAT = "2"  # 2: archives gzipped at level 0 (see pack_tree)
 ARCHIVE_GZIP_LEVEL = 0
 # Changes to how the zipapp is built (not to what goes in) that must invalidate a cached one.
-AGENT_BUILD_STEPS = (
-    "newest-api-versions-only,pyc-unchecked-hash,agent-modules-only,models-cut-to-agent-operations,"
-    "endpoints-cut-to-agent-services"
-)
+AGENT_BUILD_STEPS = "pyc-unchecked-hash,agent-modules-only,stdlib-aws"
 # The parts of the kafka_asg package in the zipapp: the agent and what it imports (never the CLI).
 AGENT_PACKAGE_PARTS = frozenset(
-    {"__init__.py", "py.typed", "agent", "config.py", "errors.py", "fsutil.py", "paths.py", "retry.py"}
+    {"__init__.py", "py.typed", "agent", "config.py", "errors.py", "fsutil.py", "paths.py", "retry.py", "s3get.py"}
 )
 DEPENDENCY_PLUGIN_VERSION = "3.8.1"
 # dependency:copy 3.x reads each item's POM (and fails on a missing parent); 2.8 copies just the jar file.
@@ -94,26 +89,8 @@ KAFKA4_LOG_BACKEND = tuple(
 DISTINCT_SAME_STEM = frozenset({"metrics-core"})
 
 # The agent's runtime dependencies, pinned from requirements.lock (moto, flask and dev tools stay out).
-# The agent uses botocore's clients directly (agent/aws.py): no boto3, no s3transfer in the zipapp.
-AGENT_REQUIREMENTS = ("botocore", "jmespath", "python-dateutil", "six", "urllib3", "kazoo")
-# The operations the agent calls (agent/aws.py), by service; botocore/data is pruned to these services (plus
-# its top-level files: endpoints.json, cut to these services, partitions.json, sdk-default-configuration.json,
-# _retry.json, which botocore reads at import/client creation) and their models to these operations: EC2's model
-# is 4.4 MB of JSON for 830 operations, and parsing it was most of a new agent's client creation (0.15 s of CPU
-# on every boot).
-AGENT_AWS_OPERATIONS: Mapping[str, tuple[str, ...]] = {
-    "ec2": (
-        "AttachNetworkInterface",
-        "AttachVolume",
-        "CreateTags",
-        "DescribeInstances",
-        "DescribeNetworkInterfaces",
-        "DescribeVolumes",
-    ),
-    "autoscaling": ("SetInstanceProtection",),
-    "s3": ("GetObject",),
-}
-AGENT_AWS_SERVICES = tuple(AGENT_AWS_OPERATIONS)
+# The agent talks to AWS with the standard library (agent/aws.py): kazoo is its only dependency.
+AGENT_REQUIREMENTS = ("kazoo",)
 
 Progress = Callable[[str], None]
 
@@ -333,122 +310,6 @@ def agent_requirements(lock_text: str) -> list[str]:
     return [f"{n}=={pins[n]}" for n in AGENT_REQUIREMENTS]
 
 
-def prune_botocore_data(data_dir: Path, keep: Sequence[str]) -> int:
-    """Delete the service models the agent never loads; returns bytes freed.
-
-    botocore's loader resolves ``<data>/<service>/<api-version>/service-2.json`` only for clients created,
-    and reads the top-level files (endpoints, partitions, defaults, retry config) for every client, so the
-    top-level files all stay.
-    """
-    freed = 0
-    for entry in data_dir.iterdir():
-        if not entry.is_dir():
-            continue
-        # A kept service keeps only its newest API version: botocore loads the latest one unless told
-        # otherwise (``Loader.determine_latest_version``), and ec2 ships eight.
-        versions = sorted(v for v in entry.iterdir() if v.is_dir())
-        doomed = [entry] if entry.name not in keep else versions[:-1]
-        for gone in doomed:
-            freed += sum(f.stat().st_size for f in gone.rglob("*") if f.is_file())
-            shutil.rmtree(gone)
-    return freed
-
-
-def cut_service_model(model: Mapping[str, Any], operations: Iterable[str]) -> dict[str, Any]:
-    """A botocore service model with only ``operations`` and the shapes they reach, without documentation.
-
-    :raises ConfigError: an operation the model does not have (a botocore upgrade renamed it).
-    """
-    missing = sorted(set(operations) - set(model["operations"]))
-    if missing:
-        raise ConfigError(
-            [f"botocore's {model['metadata'].get('serviceId')} model has no operation {', '.join(missing)}"]
-        )
-    ops = {name: _undocumented(model["operations"][name]) for name in sorted(set(operations))}
-    shapes: Mapping[str, Any] = model["shapes"]
-    reached: set[str] = set()
-    todo = [
-        ref["shape"] for op in ops.values() for ref in (op.get("input"), op.get("output"), *op.get("errors", ())) if ref
-    ]
-    while todo:
-        name = todo.pop()
-        if name in reached:
-            continue
-        reached.add(name)
-        shape = shapes[name]
-        refs = [*shape.get("members", {}).values(), *(shape[k] for k in ("member", "key", "value") if k in shape)]
-        todo.extend(ref["shape"] for ref in refs)
-    cut = {k: v for k, v in model.items() if k not in ("operations", "shapes", "documentation")}
-    cut["operations"] = ops
-    cut["shapes"] = {name: _undocumented(shapes[name]) for name in sorted(reached)}
-    return cut
-
-
-def _undocumented(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """An operation or shape without its documentation (and its members' and refs' documentation)."""
-    out = {k: v for k, v in spec.items() if k not in ("documentation", "documentationUrl")}
-    if "members" in out:
-        out["members"] = {
-            m: {k: v for k, v in ref.items() if k != "documentation"} for m, ref in out["members"].items()
-        }
-    for key in ("input", "output", "member", "key", "value"):
-        if isinstance(out.get(key), Mapping):
-            out[key] = {k: v for k, v in out[key].items() if k != "documentation"}
-    return out
-
-
-def cut_botocore_models(data_dir: Path, operations: Mapping[str, Iterable[str]]) -> int:
-    """Cut each kept service's newest model to ``operations`` (:func:`cut_service_model`), its paginators and
-    waiters to those operations, and drop its examples (documentation only); returns bytes freed.
-
-    Written as plain ``.json``: botocore's loader tries ``.json`` before ``.json.gz``; the ``.gz`` goes.
-    """
-    freed = 0
-    for service, names in operations.items():
-        wanted = set(names)
-        (version,) = [v for v in (data_dir / service).iterdir() if v.is_dir()]  # prune_botocore_data ran first
-        before = sum(f.stat().st_size for f in version.iterdir())
-        model_gz = version / "service-2.json.gz"
-        model = json.loads(
-            gzip.decompress(model_gz.read_bytes()) if model_gz.exists() else (version / "service-2.json").read_bytes()
-        )
-        model_gz.unlink(missing_ok=True)
-        (version / "service-2.json").write_text(json.dumps(cut_service_model(model, wanted), sort_keys=True))
-        for name in ("paginators-1.json", "paginators-1.sdk-extras.json"):
-            path = version / name
-            if path.exists():
-                doc = json.loads(path.read_text())
-                table = doc["merge"]["pagination"] if "merge" in doc else doc["pagination"]
-                for op in [op for op in table if op not in wanted]:
-                    del table[op]
-                path.write_text(json.dumps(doc, sort_keys=True))
-        waiters = version / "waiters-2.json"
-        if waiters.exists():
-            doc = json.loads(waiters.read_text())
-            doc["waiters"] = {k: w for k, w in doc["waiters"].items() if w["operation"] in wanted}
-            waiters.write_text(json.dumps(doc, sort_keys=True))
-        (version / "examples-1.json").unlink(missing_ok=True)
-        freed += before - sum(f.stat().st_size for f in version.iterdir())
-    return freed
-
-
-def cut_endpoints(data_dir: Path, services: Iterable[str]) -> int:
-    """Cut botocore's ``endpoints.json`` to ``services`` in every partition; returns bytes freed.
-
-    botocore parses the whole file (1.2 MB, 250 services) when a session creates its first client: 17 ms of
-    every new agent's start. The partitions, their regions and defaults stay: endpoint resolution for the kept
-    services needs them.
-    """
-    path = data_dir / "endpoints.json"
-    before = path.stat().st_size
-    doc = json.loads(path.read_text())
-    keep = set(services)
-    for partition in doc["partitions"]:
-        partition["services"] = {name: spec for name, spec in partition["services"].items() if name in keep}
-    path.write_text(json.dumps(doc, sort_keys=True))
-    return before - path.stat().st_size
-
-
 # ============================================================================ the cache
 
 
@@ -646,7 +507,6 @@ def agent_recipe(root: Path) -> str:
             RECIPE_FORMAT,
             *agent_requirements(lock),
             AGENT_BUILD_STEPS,
-            json.dumps(AGENT_AWS_OPERATIONS),  # the services kept, and their operations
         ),
     )
 
@@ -659,7 +519,7 @@ def _console_script(root: Path, name: str) -> str:
 
 
 def build_agent(cache: CachePaths, root: Path, progress: Progress = _log_progress) -> Path:
-    """Build the agent zipapp with shiv: this package plus its pinned runtime deps, botocore data pruned."""
+    """Build the agent zipapp with shiv: the agent's part of this package plus its pinned runtime deps."""
     started = time.monotonic()
     dest = cache.artifacts_dir / AGENT_FILE
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -681,12 +541,9 @@ def build_agent(cache: CachePaths, root: Path, progress: Progress = _log_progres
             if entry.name not in AGENT_PACKAGE_PARTS:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         shutil.rmtree(site / "kazoo" / "tests", ignore_errors=True)
-        freed = prune_botocore_data(site / "botocore" / "data", AGENT_AWS_SERVICES)
-        freed += cut_botocore_models(site / "botocore" / "data", AGENT_AWS_OPERATIONS)
-        freed += cut_endpoints(site / "botocore" / "data", AGENT_AWS_SERVICES)
-        # Bytecode in the zipapp: a new instance would otherwise compile every module it imports (botocore
-        # is large) on each boot. unchecked-hash: shiv's extraction does not keep mtimes, so timestamp-checked
-        # .pyc files would be ignored; the zipapp never changes under its hash-named extraction dir.
+        # Bytecode in the zipapp: a new instance would otherwise compile every module it imports on each boot.
+        # unchecked-hash: shiv's extraction does not keep mtimes, so timestamp-checked .pyc files would be
+        # ignored; the zipapp never changes under its hash-named extraction dir.
         _run(
             [str(bindir / "python"), "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "unchecked-hash",
              str(site)],
@@ -709,10 +566,7 @@ def build_agent(cache: CachePaths, root: Path, progress: Progress = _log_progres
         _run(shiv, Path(tmp), "shiv")
         add_bytecode(tmp_out, site)
         shutil.move(str(tmp_out), dest)
-    progress(
-        f"built {dest.name}: {dest.stat().st_size / 1e6:.1f} MB (botocore data pruned by {freed / 1e6:.0f} MB) "
-        f"in {time.monotonic() - started:.0f}s"
-    )
+    progress(f"built {dest.name}: {dest.stat().st_size / 1e6:.1f} MB in {time.monotonic() - started:.0f}s")
     return dest
 
 

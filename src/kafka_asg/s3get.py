@@ -49,42 +49,49 @@ def _hmac(key: bytes, msg: str) -> bytes:
     return hmac.new(key, msg.encode(), hashlib.sha256).digest()
 
 
-def signed_get(url: str, region: str, creds: dict[str, str], now: datetime.datetime) -> urllib.request.Request:
-    """A SigV4-signed GET for ``url`` (UNSIGNED query string is empty; payload is empty)."""
+def sigv4_headers(
+    method: str,
+    url: str,
+    region: str,
+    service: str,
+    creds: dict[str, str],
+    *,
+    now: datetime.datetime,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """``headers`` plus host, x-amz-date, token and SigV4 authorization, all signed; no query string, the path as
+    given (URI-encoded once, as S3 wants). The node agent signs its AWS calls with this too."""
     parts = urllib.parse.urlsplit(url)
     amz_date = now.strftime("%Y%m%dT%H%M%SZ")
     day = amz_date[:8]
-    headers = {
-        "host": parts.netloc,
-        "x-amz-content-sha256": EMPTY_SHA256,
-        "x-amz-date": amz_date,
-    }
+    payload = hashlib.sha256(body).hexdigest()
+    signed = {k.lower(): v.strip() for k, v in (headers or {}).items()}
+    signed.update({"host": parts.netloc, "x-amz-date": amz_date})
+    if service == "s3":
+        signed["x-amz-content-sha256"] = payload
     if creds.get("Token"):
-        headers["x-amz-security-token"] = creds["Token"]
-    signed_names = ";".join(sorted(headers))
+        signed["x-amz-security-token"] = creds["Token"]
+    names = ";".join(sorted(signed))
     canonical = "\n".join(
-        [
-            "GET",
-            parts.path,  # already URI-encoded once, as S3 wants
-            "",
-            "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)),
-            signed_names,
-            EMPTY_SHA256,
-        ]
+        [method, parts.path or "/", "", "".join(f"{k}:{signed[k]}\n" for k in sorted(signed)), names, payload]
     )
-    scope = f"{day}/{region}/s3/aws4_request"
+    scope = f"{day}/{region}/{service}/aws4_request"
     to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-    key = _hmac(_hmac(_hmac(_hmac(("AWS4" + creds["SecretAccessKey"]).encode(), day), region), "s3"), "aws4_request")
+    key = _hmac(_hmac(_hmac(_hmac(("AWS4" + creds["SecretAccessKey"]).encode(), day), region), service), "aws4_request")
     signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    headers["authorization"] = (
-        f"AWS4-HMAC-SHA256 Credential={creds['AccessKeyId']}/{scope}, "
-        f"SignedHeaders={signed_names}, Signature={signature}"
+    signed["authorization"] = (
+        f"AWS4-HMAC-SHA256 Credential={creds['AccessKeyId']}/{scope}, SignedHeaders={names}, Signature={signature}"
     )
-    return urllib.request.Request(url, headers={k: v for k, v in headers.items() if k != "host"})
+    return signed
 
 
-def object_url(bucket: str, key: str, region: str) -> str:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+def signed_get(url: str, region: str, creds: dict[str, str], now: datetime.datetime) -> urllib.request.Request:
+    return urllib.request.Request(url, headers=sigv4_headers("GET", url, region, "s3", creds, now=now))
+
+
+def object_url(bucket: str, key: str, region: str, endpoint: str | None = None) -> str:
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     base = endpoint.rstrip("/") if endpoint else f"https://s3.{region}.amazonaws.com"
     return f"{base}/{urllib.parse.quote(bucket)}/{urllib.parse.quote(key, safe='/~')}"
 

@@ -2,7 +2,7 @@
 
 AMI assumptions (documented in the README): a Linux with ``/bin/sh``, ``ip`` (iproute2), ``mkfs.ext4``, ``blkid``,
 ``mount``, ``tar``; python3 >= 3.11 and Java 17 are installed here when missing (``dnf`` on Amazon Linux 2023,
-``apt-get`` on Debian/Ubuntu). Everything else (botocore, kazoo) travels inside the agent zipapp. The same script
+``apt-get`` on Debian/Ubuntu). Everything else (kazoo) travels inside the agent zipapp. The same script
 runs on AWS and in the rehearsal, where only ``AWS_ENDPOINT_URL`` differs.
 """
 

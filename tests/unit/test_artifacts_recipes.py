@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import tarfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from kafka_asg import artifacts
 from kafka_asg.artifacts import (
-    AGENT_AWS_OPERATIONS,
     AGENT_KEY,
     Artifact,
     ArtifactSet,
     agent_requirements,
     cached_artifact,
     cmd_artifacts,
-    cut_botocore_models,
-    cut_endpoints,
-    cut_service_model,
     duplicate_jars,
     ensure_artifacts,
     ensure_kraft_kafka,
@@ -33,7 +26,6 @@ from kafka_asg.artifacts import (
     maven_failure,
     missing_main_classes,
     pack_tree,
-    prune_botocore_data,
     recipe_digest,
     render_pom,
     script_main_classes,
@@ -143,35 +135,14 @@ def test_maven_failure_retries_network_trouble_only() -> None:
 
 
 def test_agent_requirements_pins_exactly_the_runtime_set() -> None:
-    lock = "\n".join(
-        [
-            "boto3==1.44.8",
-            "botocore==1.44.8",
-            "moto==5.2.5",
-            "Flask==3.1.3",
-            "jmespath==1.1.0",
-            "kazoo==2.11.0",
-            "python_dateutil==2.9.0.post0",
-            "s3transfer==0.19.3",
-            "six==1.17.0",
-            "urllib3==2.8.0  # comment",
-        ]
-    )
-    assert agent_requirements(lock) == [  # no boto3, no s3transfer: the agent uses botocore's clients
-        "botocore==1.44.8",
-        "jmespath==1.1.0",
-        "python-dateutil==2.9.0.post0",
-        "six==1.17.0",
-        "urllib3==2.8.0",
-        "kazoo==2.11.0",
-    ]
+    lock = "\n".join(["boto3==1.44.8", "botocore==1.44.8", "moto==5.2.5", "kazoo==2.11.0  # comment", "six==1.17.0"])
+    # The agent talks to AWS with the standard library (agent/aws.py): no boto3, no botocore.
+    assert agent_requirements(lock) == ["kazoo==2.11.0"]
 
 
 def test_agent_requirements_names_what_the_lock_lacks() -> None:
     with pytest.raises(ConfigError, match="kazoo"):
-        agent_requirements(
-            "boto3==1\nbotocore==1\ns3transfer==1\njmespath==1\npython-dateutil==1\nsix==1\nurllib3==1\n"
-        )
+        agent_requirements("boto3==1\nbotocore==1\n")
 
 
 def test_the_real_lock_pins_the_agent_set() -> None:
@@ -237,19 +208,6 @@ def test_pack_tree_is_reproducible_and_keeps_exec_bits(tmp_path: Path) -> None:
     assert members["top-1.0/bin/run.sh"].mode == 0o755
     assert members["top-1.0/conf.txt"].mode == 0o644
     assert members["top-1.0/conf.txt"].uname == "root"
-
-
-def test_prune_keeps_named_services_and_top_level_files(tmp_path: Path) -> None:
-    for service in ("ec2", "s3", "sagemaker"):
-        (tmp_path / service / "2016-11-15").mkdir(parents=True)
-        (tmp_path / service / "2016-11-15" / "service-2.json.gz").write_bytes(b"x" * 10)
-    (tmp_path / "ec2" / "2015-10-01").mkdir()
-    (tmp_path / "ec2" / "2015-10-01" / "service-2.json.gz").write_bytes(b"x" * 7)
-    (tmp_path / "endpoints.json").write_text("{}")
-    freed = prune_botocore_data(tmp_path, ("ec2", "s3"))
-    assert freed == 17  # sagemaker, and ec2's older API version (botocore loads the newest)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ec2", "endpoints.json", "s3"]
-    assert [p.name for p in (tmp_path / "ec2").iterdir()] == ["2016-11-15"]
 
 
 def test_artifact_set_objects_maps_keys_to_paths(tmp_path: Path) -> None:
@@ -391,104 +349,3 @@ def test_cli_accepts_kraft_flag() -> None:
     args = build_parser().parse_args(["artifacts", "build", "--kraft"])
     assert (args.action, args.kraft) == ("build", True)
     assert build_parser().parse_args(["artifacts", "list"]).kraft is False
-
-
-TINY_MODEL = {
-    "version": "2.0",
-    "metadata": {"serviceId": "Tiny", "protocol": "ec2"},
-    "documentation": "<p>long</p>",
-    "operations": {
-        "Keep": {
-            "name": "Keep",
-            "input": {"shape": "KeepRequest"},
-            "errors": [{"shape": "Oops"}],
-            "documentation": "d",
-        },
-        "Drop": {"name": "Drop", "input": {"shape": "DropRequest"}},
-    },
-    "shapes": {
-        "KeepRequest": {"type": "structure", "members": {"Ids": {"shape": "IdList", "documentation": "d"}}},
-        "IdList": {"type": "list", "member": {"shape": "Id"}},
-        "Id": {"type": "string", "documentation": "d"},
-        "Oops": {"type": "structure", "members": {}},
-        "DropRequest": {"type": "structure", "members": {"Tags": {"shape": "TagMap"}}},
-        "TagMap": {"type": "map", "key": {"shape": "Id"}, "value": {"shape": "Id"}},
-    },
-}
-
-
-def test_a_cut_model_keeps_the_operations_and_the_shapes_they_reach_without_documentation() -> None:
-    cut = cut_service_model(TINY_MODEL, ["Keep"])
-    assert list(cut["operations"]) == ["Keep"]
-    assert sorted(cut["shapes"]) == ["Id", "IdList", "KeepRequest", "Oops"]
-    assert "documentation" not in json.dumps(cut)
-    assert cut["metadata"] == TINY_MODEL["metadata"]
-
-
-def test_a_cut_model_names_a_missing_operation() -> None:
-    with pytest.raises(ConfigError, match="botocore's Tiny model has no operation Gone"):
-        cut_service_model(TINY_MODEL, ["Keep", "Gone"])
-
-
-def test_the_agent_can_call_every_operation_it_uses_on_the_cut_models(tmp_path: Path) -> None:
-    """The zipapp's botocore data, cut as build_agent cuts it: every call agent/aws.py makes still serializes."""
-    import botocore.session
-    from botocore.stub import Stubber
-
-    data = tmp_path / "data"
-    shutil.copytree(Path(botocore.__file__).parent / "data", data)
-    prune_botocore_data(data, tuple(AGENT_AWS_OPERATIONS))
-    assert cut_botocore_models(data, AGENT_AWS_OPERATIONS) > 500_000  # gzipped bytes
-    assert cut_endpoints(data, tuple(AGENT_AWS_OPERATIONS)) > 1_000_000
-    endpoints = json.loads((data / "endpoints.json").read_text())
-    assert {p["partition"] for p in endpoints["partitions"]} >= {"aws", "aws-cn", "aws-us-gov"}
-    assert {s for p in endpoints["partitions"] for s in p["services"]} == set(AGENT_AWS_OPERATIONS)
-    assert "eu-west-1" in endpoints["partitions"][0]["regions"]
-    session = botocore.session.Session()
-    session.get_component("data_loader").search_paths.insert(0, str(data))
-    calls: dict[str, list[tuple[str, dict[str, Any]]]] = {
-        "ec2": [
-            ("describe_network_interfaces", {"Filters": [{"Name": "subnet-id", "Values": ["subnet-1"]}]}),
-            ("attach_network_interface", {"NetworkInterfaceId": "eni-1", "InstanceId": "i-1", "DeviceIndex": 1}),
-            ("describe_volumes", {"Filters": [{"Name": "tag:kafka-asg:slot", "Values": ["1"]}]}),
-            ("attach_volume", {"VolumeId": "vol-1", "InstanceId": "i-1", "Device": "/dev/sdf"}),
-            ("describe_instances", {"InstanceIds": ["i-1"]}),
-            ("create_tags", {"Resources": ["i-1"], "Tags": [{"Key": "k", "Value": "v"}]}),
-        ],
-        "autoscaling": [
-            (
-                "set_instance_protection",
-                {"InstanceIds": ["i-1"], "AutoScalingGroupName": "g", "ProtectedFromScaleIn": True},
-            )
-        ],
-        "s3": [("get_object", {"Bucket": "b", "Key": "k"})],
-    }
-    assert {s: sorted(method for method, _ in c) for s, c in calls.items()} == {
-        s: sorted(_snake(op) for op in ops) for s, ops in AGENT_AWS_OPERATIONS.items()
-    }
-    for service, service_calls in calls.items():
-        client = session.create_client(
-            service, region_name="eu-west-1", aws_access_key_id="a", aws_secret_access_key="b"
-        )
-        assert len(client.meta.service_model.operation_names) == len(service_calls)
-        with Stubber(client) as stub:
-            for method, params in service_calls:
-                stub.add_response(method, {}, params)  # the stub validates params against the (cut) model
-                getattr(client, method)(**params)
-    assert session.create_client("ec2", region_name="eu-west-1").get_paginator("describe_volumes")
-
-
-def _snake(operation: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in operation).lstrip("_")
-
-
-def test_the_operations_kept_are_the_ones_agent_aws_calls() -> None:
-    """A call added to agent/aws.py without adding it to AGENT_AWS_OPERATIONS would fail only on an instance."""
-    import re
-
-    from kafka_asg.agent import aws
-
-    source = Path(aws.__file__).read_text()
-    called = set(re.findall(r"self\.(ec2|autoscaling|s3)\.(?!get_paginator)(\w+)\(", source))
-    called |= set(re.findall(r"self\.(ec2|autoscaling|s3)\.get_paginator\(\"(\w+)\"\)", source))
-    assert called == {(s, _snake(op)) for s, ops in AGENT_AWS_OPERATIONS.items() for op in ops}

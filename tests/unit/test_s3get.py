@@ -9,7 +9,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from botocore.auth import S3SigV4Auth
+from botocore.auth import S3SigV4Auth, SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
@@ -45,6 +45,23 @@ def test_signature_matches_botocore(bucket: str, key: str, monkeypatch: pytest.M
     ours = s3get.signed_get(url, "eu-west-1", CREDS, NOW)
     assert ours.get_header("Authorization") == botocore_authorization(url, "eu-west-1")
     assert ours.get_header("X-amz-security-token") == "session-token"
+
+
+@pytest.mark.parametrize("service", ["ec2", "autoscaling"])
+def test_query_api_post_signature_matches_botocore(service: str) -> None:
+    # The node agent's EC2 and Auto Scaling calls: a form-encoded POST to "/", signed with the body's hash.
+    url = f"https://{service}.eu-west-1.amazonaws.com/"
+    body = b"Action=DescribeVolumes&Version=2016-11-15&Filter.1.Name=tag%3Akafka-asg%3Aslot&Filter.1.Value.1=2"
+    content_type = {"content-type": "application/x-www-form-urlencoded; charset=utf-8"}
+    ours = s3get.sigv4_headers("POST", url, "eu-west-1", service, CREDS, now=NOW, body=body, headers=content_type)
+    request = AWSRequest(method="POST", url=url, data=body, headers={"Content-Type": content_type["content-type"]})
+    signer = SigV4Auth(
+        Credentials(CREDS["AccessKeyId"], CREDS["SecretAccessKey"], CREDS["Token"]), service, "eu-west-1"
+    )
+    with mock.patch("botocore.auth.get_current_datetime", return_value=NOW.replace(tzinfo=None)):
+        signer.add_auth(request)
+    assert ours["authorization"] == request.headers["Authorization"]
+    assert ours["x-amz-date"] == request.headers["X-Amz-Date"]
 
 
 def test_endpoint_override_is_path_style(monkeypatch: pytest.MonkeyPatch) -> None:

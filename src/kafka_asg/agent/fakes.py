@@ -67,6 +67,7 @@ class FakeImds(Imds):
         self._identity = identity
         self.lifecycle = lifecycle
         self.device_numbers: dict[str, int] = {}
+        self.credentials: dict[str, str] | None = {"AccessKeyId": "AKIDFAKE", "SecretAccessKey": "fake", "Token": "t"}
 
     def identity(self) -> InstanceIdentity:
         return self._identity
@@ -76,6 +77,11 @@ class FakeImds(Imds):
 
     def nic_device_number(self, mac: str) -> int | None:
         return self.device_numbers.get(mac)
+
+    def role_credentials(self) -> Mapping[str, str]:
+        if self.credentials is None:
+            raise NotFoundError("IMDS lists no role under iam/security-credentials/")
+        return self.credentials
 
 
 # ----------------------------------------------------------------------------------- world

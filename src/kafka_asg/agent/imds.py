@@ -12,12 +12,13 @@ https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/configuring-instance-metadat
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from ipaddress import IPv4Address, IPv4Network
 
 from kafka_asg.agent.ports import Imds, InstanceIdentity
@@ -32,6 +33,7 @@ TOKEN_PATH = "/latest/api/token"
 TOKEN_HEADER = "X-aws-ec2-metadata-token"
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 META = "/latest/meta-data/"
+CREDENTIALS = "iam/security-credentials/"
 # 6 h, the maximum: the agent runs for the instance's lifetime and refreshes on 401 anyway.
 DEFAULT_TOKEN_TTL = 21600
 
@@ -169,3 +171,14 @@ class HttpImds(Imds):
     def nic_device_number(self, mac: str) -> int | None:
         value = self._optional(f"network/interfaces/macs/{mac}/device-number")
         return int(value) if value and value.isdigit() else None
+
+    def role_credentials(self) -> Mapping[str, str]:
+        """Read afresh on every call: the caller (``agent/aws.py``) keeps them until shortly before they expire."""
+        roles = self._meta(CREDENTIALS).split()
+        if not roles:
+            raise NotFoundError(f"IMDS lists no role under {CREDENTIALS}")
+        try:
+            doc = json.loads(self._meta(CREDENTIALS + roles[0]))
+        except ValueError as exc:
+            raise CloudError(f"IMDS's credentials for role {roles[0]} are not JSON: {exc}", "IMDSCredentials") from exc
+        return {str(k): str(v) for k, v in doc.items()}

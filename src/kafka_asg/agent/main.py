@@ -77,8 +77,8 @@ def fetch_inputs(cloud: Cloud, bucket: str, cluster: str, paths: AgentPaths) -> 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    # Imported here so ``health`` and ``status`` never import botocore (fast, and work without it).
-    from kafka_asg.agent.aws import AwsCloud
+    # Imported here so ``health`` and ``status`` stay quick: they import only what reads the status file.
+    from kafka_asg.agent.aws import AwsCloud, CredentialChain
     from kafka_asg.agent.imds import HttpImds
     from kafka_asg.agent.linux import LinuxHost
     from kafka_asg.agent.loop import Agent, AgentSettings
@@ -86,7 +86,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kafka_asg.config import config_from_document
 
     paths = AgentPaths(root=args.root)
-    cloud = AwsCloud(args.region, endpoint_url=args.endpoint_url)
+    settings = AgentSettings()
+    imds = HttpImds(args.imds_url, lifecycle_max_age=settings.soon_reads_max_age)
+    cloud = AwsCloud(args.region, CredentialChain(imds), endpoint_url=args.endpoint_url)
     startup = Retry(deadline=STARTUP_DEADLINE, delay=1.0, max_delay=15.0)
     try:
         base = startup(
@@ -99,10 +101,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         zookeeper_config=base / "zookeeper.config",
         kafka_config=base / "kafka.config",
     )
-    settings = AgentSettings()
     agent = Agent(
         cfg=cfg,
-        imds=HttpImds(args.imds_url, lifecycle_max_age=settings.soon_reads_max_age),
+        imds=imds,
         cloud=cloud,
         host=LinuxHost(paths, reads_max_age=settings.soon_reads_max_age),
         services=ProcessServices(paths),
@@ -151,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("botocore", "urllib3", "kazoo"):
+    for noisy in ("kazoo",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)

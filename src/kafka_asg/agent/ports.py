@@ -50,6 +50,11 @@ class Imds(ABC):
     def nic_device_number(self, mac: str) -> int | None:
         """``network/interfaces/macs/<mac>/device-number``; None until IMDS knows the NIC."""
 
+    @abstractmethod
+    def role_credentials(self) -> Mapping[str, str]:
+        """The instance role's temporary credentials, ``iam/security-credentials/<role>`` (``AccessKeyId``,
+        ``SecretAccessKey``, ``Token``, ``Expiration``); ``NotFoundError`` while the instance has none."""
+
 
 # ---------------------------------------------------------------------------------------- Cloud
 
@@ -80,7 +85,7 @@ class VolumeView:
 
 
 class Cloud(ABC):
-    """EC2, Auto Scaling and S3, as the agent needs them (botocore in ``agent/aws.py``)."""
+    """EC2, Auto Scaling and S3, as the agent needs them (their HTTP APIs in ``agent/aws.py``)."""
 
     @abstractmethod
     def slot_enis(self, cluster: str, subnet_id: str) -> Sequence[EniView]:

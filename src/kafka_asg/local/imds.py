@@ -212,7 +212,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _ImdsHttpServer
     protocol_version = "HTTP/1.1"
     # Headers and body go out as two writes; with Nagle on, the body waits for the client's delayed ACK (40 ms
-    # on Linux) on every kept-alive request: botocore's credential fetch took 90 ms instead of 3.
+    # on Linux) on every kept-alive request: the agent's credential fetch took 90 ms instead of 3.
     disable_nagle_algorithm = True
 
     def _serve(self, method: str) -> None:
