@@ -4,7 +4,7 @@ No Kafka broker package exists outside Apache's download site, but Maven Central
 distribution (docs/aws-kafka-mechanics.md §6). We let Maven resolve a server's runtime classpath from a tiny
 generated POM, add our own short ``bin/`` scripts and log configs (``artifacts_data/``), and pack the result
 with the official layout, so the agent installs it exactly like Apache's tarball. The agent itself ships as a
-shiv zipapp with its pinned dependencies, runnable by a bare ``python3.11``.
+zipapp with its pinned dependency (kazoo) and bytecode, runnable in place by a bare ``python3.11``.
 
 Every output lands in :attr:`CachePaths.artifacts_dir` with a ``.sha256`` beside it and a ``.recipe`` (the
 digest of what it was built from); it is reused while both still match.
@@ -52,7 +52,7 @@ PACKAGE_DIR = Path(kafka_asg.__file__).parent
 RECIPE_FORMAT = "2"  # 2: archives gzipped at level 0 (see pack_tree)
 ARCHIVE_GZIP_LEVEL = 0
 # Changes to how the zipapp is built (not to what goes in) that must invalidate a cached one.
-AGENT_BUILD_STEPS = "pyc-unchecked-hash,agent-modules-only,stdlib-aws"
+AGENT_BUILD_STEPS = "zipapp,pyc-legacy-unchecked-hash,agent-modules-only,stdlib-aws"
 # The parts of the kafka_asg package in the zipapp: the agent and what it imports (never the CLI).
 AGENT_PACKAGE_PARTS = frozenset(
     {"__init__.py", "py.typed", "agent", "config.py", "errors.py", "fsutil.py", "paths.py", "retry.py", "s3get.py"}
@@ -63,6 +63,7 @@ JAR_ONLY_COPY_GOAL = "org.apache.maven.plugins:maven-dependency-plugin:2.8:copy"
 SCALA_VERSION = "2.13"
 # Every archive member gets this mtime (1980-01-01, the zip epoch) so equal inputs give equal archives.
 FIXED_MTIME = 315532800
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 # Central serves zookeeper-3.8.7.pom but not the parent-3.8.7.pom it inherits its dependency versions from
 # (404 on repo.maven.apache.org, checked 2026-11-25), so Maven cannot read 3.8.7's dependency list. Its
@@ -519,82 +520,60 @@ def _console_script(root: Path, name: str) -> str:
 
 
 def build_agent(cache: CachePaths, root: Path, progress: Progress = _log_progress) -> Path:
-    """Build the agent zipapp with shiv: the agent's part of this package plus its pinned runtime deps."""
+    """Build the agent zipapp: the agent's part of this package plus its pinned runtime deps, with bytecode."""
     started = time.monotonic()
     dest = cache.artifacts_dir / AGENT_FILE
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # pip and shiv come from the environment running us (.venv), not from PATH.
-    bindir = Path(sys.executable).parent
+    # pip comes from the environment running us (.venv), not from PATH.
+    python = str(Path(sys.executable).parent / "python")
     with tempfile.TemporaryDirectory(prefix="agent-build.", dir=cache.root) as tmp:
-        site = Path(tmp) / "site-packages"
+        app = Path(tmp) / "app"
         reqs = Path(tmp) / "requirements.txt"
         reqs.write_text("\n".join(agent_requirements((root / "requirements.lock").read_text())) + "\n")
         progress("installing the agent's pinned dependencies for the zipapp")
-        pip = [str(bindir / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
         # --no-deps: exactly the pinned set, nothing the resolver would add.
-        _run([*pip, "--target", str(site), "--no-deps", "--no-compile", "-r", str(reqs)], Path(tmp), "pip install")
+        _run([*pip, "--target", str(app), "--no-deps", "--no-compile", "-r", str(reqs)], Path(tmp), "pip install")
         # The package is copied, not pip-installed: an in-tree build would write build/ into the checkout.
-        shutil.copytree(PACKAGE_DIR, site / "kafka_asg", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        # Only what the agent imports (the operator side, the rehearsal and the seed stay out), and no test
-        # suites: every file is unpacked on each new instance's first start.
-        for entry in (site / "kafka_asg").iterdir():
+        shutil.copytree(PACKAGE_DIR, app / "kafka_asg", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # Only what the agent imports (the operator side, the rehearsal and the seed stay out), and no test suites.
+        for entry in (app / "kafka_asg").iterdir():
             if entry.name not in AGENT_PACKAGE_PARTS:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        shutil.rmtree(site / "kazoo" / "tests", ignore_errors=True)
-        # Bytecode in the zipapp: a new instance would otherwise compile every module it imports on each boot.
-        # unchecked-hash: shiv's extraction does not keep mtimes, so timestamp-checked .pyc files would be
-        # ignored; the zipapp never changes under its hash-named extraction dir.
+        shutil.rmtree(app / "kazoo" / "tests", ignore_errors=True)
+        module, _, func = _console_script(root, AGENT_SCRIPT).partition(":")
+        (app / "__main__.py").write_text(f"from {module} import {func}\n\nraise SystemExit({func}())\n")
+        # Bytecode next to each module (-b), where zipimport looks for it: a new instance would otherwise compile
+        # every module it imports at each start (zipimport caches nothing). unchecked-hash: the zip's members
+        # carry a fixed date, and the zipapp never changes under its name without a new upload.
         _run(
-            [str(bindir / "python"), "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "unchecked-hash",
-             str(site)],
+            [python, "-m", "compileall", "-q", "-b", "-j", "0", "--invalidation-mode", "unchecked-hash", str(app)],
             Path(tmp),
             "compileall",
-        )  # fmt: skip
+        )
         tmp_out = Path(tmp) / AGENT_FILE
-        shiv = [
-            str(bindir / "shiv"),
-            "--site-packages",
-            str(site),
-            "--entry-point",
-            _console_script(root, AGENT_SCRIPT),
-            "--python",
-            "/usr/bin/env python3",
-            "--reproducible",
-            "--output-file",
-            str(tmp_out),
-        ]
-        _run(shiv, Path(tmp), "shiv")
-        add_bytecode(tmp_out, site)
+        write_zipapp(app, tmp_out)
         shutil.move(str(tmp_out), dest)
     progress(f"built {dest.name}: {dest.stat().st_size / 1e6:.1f} MB in {time.monotonic() - started:.0f}s")
     return dest
 
 
-def add_bytecode(pyz: Path, site: Path) -> int:
-    """Rewrite the zipapp with the ``.pyc`` files of ``site`` added under ``site-packages/`` (shiv leaves
-    them out); returns how many. Same shebang, same entries in the same order, pyc entries sorted and
-    dated like shiv's reproducible ones, so a rebuild stays byte-identical (zipapp's layout: shebang, then
-    the zip, whose offsets count from the start of the file)."""
-    raw = pyz.read_bytes()
-    shebang = raw[: raw.index(b"\n") + 1] if raw.startswith(b"#!") else b""
-    with zipfile.ZipFile(pyz) as src:
-        entries = [(info, src.read(info)) for info in src.infolist()]
-    stamp = entries[0][0].date_time if entries else (1980, 1, 1, 0, 0, 0)
-    compiled = sorted(site.rglob("*.pyc"))
-    tmp = pyz.with_name(pyz.name + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(shebang)
+def write_zipapp(app: Path, dest: Path, interpreter: str = "/usr/bin/env python3") -> int:
+    """Zip ``app`` (which has a ``__main__.py``) into an executable zipapp (https://docs.python.org/3/library/
+    zipapp.html): a shebang line, then the zip. Python imports from it in place (zipimport), so nothing is
+    unpacked when an instance starts the agent. Members sorted, dated 1980-01-01 and mode 0644, so equal inputs
+    give byte-identical files (``zipapp.create_archive`` keeps each file's mtime). Returns the member count."""
+    files = sorted(p for p in app.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    with dest.open("wb") as fh:
+        fh.write(f"#!{interpreter}\n".encode())
         with zipfile.ZipFile(fh, "w") as out:
-            for info, data in entries:
-                out.writestr(info, data)
-            for path in compiled:
-                info = zipfile.ZipInfo(f"site-packages/{path.relative_to(site)}", date_time=stamp)
+            for path in files:
+                info = zipfile.ZipInfo(path.relative_to(app).as_posix(), date_time=ZIP_EPOCH)
                 info.compress_type = zipfile.ZIP_DEFLATED
                 info.external_attr = 0o644 << 16
                 out.writestr(info, path.read_bytes())
-    tmp.chmod(pyz.stat().st_mode)
-    tmp.replace(pyz)
-    return len(compiled)
+    dest.chmod(0o755)
+    return len(files)
 
 
 def _agent_artifact(cache: CachePaths, build: bool = False, progress: Progress = _log_progress) -> Artifact:

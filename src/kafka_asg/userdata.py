@@ -61,7 +61,6 @@ PY_FLAGS={py_flags}
 S3GET
 
 ARGS="run --bucket $BUCKET --region $REGION --cluster $CLUSTER"
-export SHIV_ROOT=/opt/kafka-asg/shiv
 if [ -d /run/systemd/system ]; then
   # Under systemd: restart on failure; give Kafka's controlled shutdown time on stop.
   cat > /etc/systemd/system/kafka-asg-agent.service <<UNIT
@@ -71,7 +70,6 @@ After=network-online.target
 Wants=network-online.target
 
 [Service]
-Environment=SHIV_ROOT=$SHIV_ROOT
 ${{AWS_ENDPOINT_URL:+Environment=AWS_ENDPOINT_URL=$AWS_ENDPOINT_URL}}
 ExecStart=$PY $PY_FLAGS $AGENT $ARGS
 Restart=always

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tarfile
 import time
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -129,18 +130,16 @@ def test_second_call_reuses_the_cache(built: ArtifactSet) -> None:
     assert ensure_artifacts(seed_config(), CachePaths.default(), build=False).kafka == built.kafka
 
 
-def _shiv_env(tmp_path: Path) -> dict[str, str]:
-    # The system python must not see the venv; the zipapp unpacks under our temp dir, not ~/.shiv.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "SHIV_"))}
-    return {**env, "SHIV_ROOT": str(tmp_path / "shiv")}
+def _bare_env() -> dict[str, str]:
+    # The system python must not see the venv.
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
 
 
 @pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason="no /usr/bin/python3.11 on this machine")
-def test_agent_zipapp_runs_on_system_python_with_the_standard_library_and_kazoo(
-    built: ArtifactSet, tmp_path: Path
-) -> None:
+def test_agent_zipapp_runs_on_system_python_with_the_standard_library_and_kazoo(built: ArtifactSet) -> None:
     code = (
-        "import kazoo.client, kafka_asg, kafka_asg.agent.aws, kafka_asg.agent.main, sys\n"
+        f"import sys; sys.path.insert(0, {str(built.agent.path)!r})\n"
+        "import kazoo.client, kafka_asg, kafka_asg.agent.aws, kafka_asg.agent.main\n"
         "for name in ('botocore', 'boto3', 'kafka_asg.cli'):\n"
         "    try:\n        __import__(name)\n"
         "    except ImportError:\n        print('no', name)\n"
@@ -148,12 +147,12 @@ def test_agent_zipapp_runs_on_system_python_with_the_standard_library_and_kazoo(
         # Run as the user data runs it: nothing from the system's site-packages, only the zipapp's pinned
         # packages and the standard library.
         "outside = sorted({m.split('.')[0] for m, mod in sys.modules.items() if 'packages' in str(getattr(mod, "
-        "'__file__', '')) and '.pyz_' not in str(getattr(mod, '__file__', ''))})\n"
+        "'__file__', '')) and '.pyz/' not in str(getattr(mod, '__file__', ''))})\n"
         "print('outside the zipapp:', outside)\n"
     )
     proc = subprocess.run(
-        [str(SYSTEM_PYTHON), *AGENT_PYTHON_FLAGS, str(built.agent.path), "-c", code],
-        env={**_shiv_env(tmp_path), "SHIV_INTERPRETER": "1"},
+        [str(SYSTEM_PYTHON), *AGENT_PYTHON_FLAGS, "-c", code],
+        env=_bare_env(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -162,18 +161,24 @@ def test_agent_zipapp_runs_on_system_python_with_the_standard_library_and_kazoo(
     assert proc.returncode == 0, proc.stderr
     # The agent's modules and kazoo only: no AWS SDK, no operator side.
     assert "no botocore" in proc.stdout and "no boto3" in proc.stdout and "no kafka_asg.cli" in proc.stdout
-    assert "kafka-asg-agent.pyz" in proc.stdout  # kafka_asg came from the zipapp, not the checkout
+    assert "kafka-asg-agent.pyz/kafka_asg" in proc.stdout  # imported in place from the zipapp, not the checkout
     assert "outside the zipapp: []" in proc.stdout, proc.stdout
     assert built.agent.path.read_bytes().startswith(b"#!/usr/bin/env python3\n")
+    # Bytecode beside every module, where zipimport looks for it (nothing is compiled at an agent's start).
+    with zipfile.ZipFile(built.agent.path) as pyz:
+        names = set(pyz.namelist())
+    sources = {n for n in names if n.endswith(".py")}
+    assert "__main__.py" in sources and "kafka_asg/agent/aws.py" in sources and "kazoo/client.py" in sources
+    assert {n for n in sources if n + "c" not in names} == set()
 
 
 @pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason="no /usr/bin/python3.11 on this machine")
-def test_agent_console_script_help(built: ArtifactSet, tmp_path: Path) -> None:
+def test_agent_console_script_help(built: ArtifactSet) -> None:
     if not (SRC / "agent" / "main.py").exists():
         pytest.skip("kafka_asg.agent.main (the agent's entry point) is not written yet")
     proc = subprocess.run(
-        [str(SYSTEM_PYTHON), str(built.agent.path), "--help"],
-        env=_shiv_env(tmp_path),
+        [str(SYSTEM_PYTHON), *AGENT_PYTHON_FLAGS, str(built.agent.path), "--help"],
+        env=_bare_env(),
         capture_output=True,
         text=True,
         timeout=60,

@@ -182,7 +182,7 @@ def reboot(cfg: ClusterConfig, instance_id: str) -> None:
     started = instance_exec(
         instance_id,
         f"echo '--- reboot ---' >> /var/log/kafka-asg/agent.log; AWS_ENDPOINT_URL={info.instance_endpoint_url}"
-        " SHIV_ROOT=/opt/kafka-asg/shiv setsid python3 /opt/kafka-asg/kafka-asg-agent.pyz run"
+        " setsid python3 /opt/kafka-asg/kafka-asg-agent.pyz run"
         f" --bucket {cfg.bucket} --region {cfg.region} --cluster {cfg.name}"
         " >> /var/log/kafka-asg/agent.log 2>&1 < /dev/null &",
     )
