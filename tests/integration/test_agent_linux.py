@@ -115,6 +115,37 @@ def test_a_found_nic_is_reused_for_a_moment_and_forgotten_on_configure(netns: st
     assert configured is not None and configured.addresses == (FIXED_IP,)
 
 
+def test_configure_nic_copes_with_a_helper_that_raced_it(netns: str, tmp_path: Path) -> None:
+    # amazon-ec2-net-utils added the address and the rule between the agent's reads and its changes: the one-process
+    # batch stops at "File exists", and the changes then run one by one, where an existing object counts as done.
+    class StaleReads(LinuxHost):
+        def _addresses(self, ifname: str) -> tuple[IPv4Address, ...]:
+            return ()
+
+        def _rule_tables(self, ip: IPv4Address) -> list[str]:
+            return []
+
+    run("ip", "-n", netns, "addr", "add", f"{FIXED_IP}/{SUBNET.prefixlen}", "dev", "ens6", "noprefixroute")
+    run("ip", "-n", netns, "rule", "add", "from", str(FIXED_IP), "lookup", str(TABLE), "priority", str(TABLE))
+    host = StaleReads(AgentPaths(root=tmp_path), command_prefix=("nsenter", f"--net=/run/netns/{netns}"))
+    host.configure_nic("ens6", FIXED_IP, SUBNET, TABLE)
+    after = LinuxHost(AgentPaths(root=tmp_path), command_prefix=("nsenter", f"--net=/run/netns/{netns}")).nic_by_mac(
+        ENI_MAC
+    )
+    assert after is not None and (after.up, after.addresses, after.has_policy_route) == (True, (FIXED_IP,), True)
+    assert len([r for r in ip_json(netns, "rule", "show") if r.get("src") == str(FIXED_IP)]) == 1
+
+
+def test_a_failed_nic_change_names_its_command(netns: str, tmp_path: Path) -> None:
+    class NoSuchDevice(LinuxHost):
+        def _addresses(self, ifname: str) -> tuple[IPv4Address, ...]:
+            return ()
+
+    host = NoSuchDevice(AgentPaths(root=tmp_path), command_prefix=("nsenter", f"--net=/run/netns/{netns}"))
+    with pytest.raises(HostError, match=r"ip addr add 198\.51\.100\.21/28 dev ens9 noprefixroute failed"):
+        host.configure_nic("ens9", FIXED_IP, SUBNET, TABLE)
+
+
 def test_configure_nic_rejects_an_ip_outside_the_subnet(netns: str, tmp_path: Path) -> None:
     host = LinuxHost(AgentPaths(root=tmp_path), command_prefix=("nsenter", f"--net=/run/netns/{netns}"))
     with pytest.raises(HostError, match="not in"):

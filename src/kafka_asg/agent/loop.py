@@ -262,6 +262,7 @@ class Agent:
         self._state_since = self._started_at
         self._reported: dict[str, str] = {}
         self._reported_at: float | None = None
+        self._tag_values: dict[str, str] = {}  # the last cycle's, for the next report
         self._stop = threading.Event()
         # Set by a stop request or by services.on_change (a ZooKeeper watch): ends the pause between cycles.
         self._wake = threading.Event()
@@ -324,7 +325,9 @@ class Agent:
                 self._last_bug = sentence
         self.last_view = view
         self._set_state(state)
-        self._publish(sentence, view)
+        # A boot step chains into the next at once: its tags wait for the first cycle that waits (a CreateTags
+        # round trip, 10-20 ms, more on a busy API, between boot steps would only slow the boot).
+        self._publish(sentence, view, report=not self.progressed)
         return sentence
 
     def _unchanged_state(self) -> NodeState:
@@ -524,7 +527,9 @@ class Agent:
             self.services.stop("zookeeper", self.settings.zookeeper_stop_timeout)
 
     # --------------------------------------------------------------------------------- publish
-    def _publish(self, sentence: str, view: NodeView | None) -> None:
+    def _publish(self, sentence: str, view: NodeView | None, *, report: bool = True) -> None:
+        """The status file, every cycle; the instance tags too when ``report`` (else :meth:`report_tags` or a
+        later cycle publishes them)."""
         # After a claim this cycle the view (taken before it) shows no ENI yet; memory knows the slot.
         slot = view.my_eni.slot if view is not None and view.my_eni is not None else self.memory.claimed_slot
         zk_mode = view.zk_mode if view is not None else "down"
@@ -548,16 +553,20 @@ class Agent:
             )
         except OSError as exc:
             logger.warning("cannot write %s: %s", self.paths.status_file, exc)
-        if self.identity is not None:
-            self._report(
-                {
-                    "state": self.state,
-                    "slot": "" if slot is None else str(slot),
-                    "zk-mode": zk_mode,
-                    "broker": "registered" if registered else "not registered",
-                    "decision": sentence,
-                }
-            )
+        self._tag_values = {
+            "state": self.state,
+            "slot": "" if slot is None else str(slot),
+            "zk-mode": zk_mode,
+            "broker": "registered" if registered else "not registered",
+            "decision": sentence,
+        }
+        if report:
+            self.report_tags()
+
+    def report_tags(self) -> None:
+        """Publish the last cycle's state as instance tags (when due: see :meth:`_report`)."""
+        if self.identity is not None and self._tag_values:
+            self._report(self._tag_values)
 
     def _report(self, values: Mapping[str, str]) -> None:
         """Instance tags for ``kafka-asg status``: only when a value changed, plus a heartbeat per minute."""

@@ -112,6 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if args.once:
         print(agent.run_cycle())
+        agent.report_tags()  # a boot step defers its tags to the next cycle, and there is none
         return 0
     return agent.run_forever()
 
