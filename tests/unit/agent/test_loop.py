@@ -431,6 +431,8 @@ def test_lost_volume_race_keeps_the_slot_and_retries(world: FakeWorld, clock: Fa
     cloud.race["vol-2zktxlog"] = "i-other"
     sentences = [node.agent.run_cycle() for _ in range(4)]
     assert sentences[2] == "waiting: vol-2zktxlog was attached by i-other first; keeping the slot, retrying next cycle"
+    # All three were tried at once: the two that were free are ours.
+    assert [world.volumes[v].attached_to for v in ("vol-2zkdata", "vol-2kafkalog")] == ["i-first", "i-first"]
     assert sentences[3] == (
         "waiting: vol-2zktxlog (slot 2 zk-txlog) is attached to i-other (running); "
         "not starting without all three volumes"
