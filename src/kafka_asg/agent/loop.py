@@ -147,12 +147,17 @@ class Prefetch:
     cycle: it then overlaps the claim, the wait for a dying holder, the attaches and the mounts instead of
     following them; and ZooKeeper, installed first, starts while Kafka's archive still unpacks. Decisions stay
     in the loop: the Install step calls :meth:`result`. After an error (or without a start, as in the unit
-    tests' ``run_cycle``) :meth:`result` runs the step inline.
+    tests' ``run_cycle``) :meth:`result` runs the step inline. A ``held`` name's step waits in :meth:`hold`
+    (before its unpack) until :meth:`release`, or until the loop asks for its result.
     """
 
-    def __init__(self, step: Callable[[ServerName], None], names: Sequence[ServerName]) -> None:
+    def __init__(
+        self, step: Callable[[ServerName], None], names: Sequence[ServerName], held: Sequence[ServerName] = ()
+    ) -> None:
         self._step = step
         self._names = tuple(names)
+        self._held = frozenset(held)
+        self._released = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._done: set[ServerName] = set()
@@ -178,7 +183,17 @@ class Prefetch:
                 self._done.add(name)
                 self._changed.notify_all()
 
+    def hold(self, name: ServerName) -> None:
+        """Called by the step before its CPU-heavy part (the unpack): a held name waits for :meth:`release`."""
+        if name in self._held:
+            self._released.wait()
+
+    def release(self) -> None:
+        self._released.set()
+
     def result(self, name: ServerName) -> None:
+        if name in self._held:  # the loop needs it now
+            self.release()
         thread = self._thread
         if thread is not None and name not in self._done:
             with self._changed:
@@ -268,7 +283,10 @@ class Agent:
         self._wake = threading.Event()
         services.on_change(self._wake.set)
         self._last_bug: str | None = None
-        self.prefetch = Prefetch(self._download_and_unpack, SERVER_NAMES)
+        # Kafka's archive (59 MB) unpacks in Python: during the boot steps before ZooKeeper starts it took the GIL
+        # from them; it waits for the loop's first wait on something other than a device (ZooKeeper's start: it
+        # needs most of a second to serve, and Kafka is not needed before that).
+        self.prefetch = Prefetch(self._download_and_unpack, SERVER_NAMES, held=("kafka",))
         self.reads = RecentReads(cloud, self.clock.monotonic, self.settings.soon_reads_max_age)
 
     # ----------------------------------------------------------------------------------- cycle
@@ -514,6 +532,7 @@ class Agent:
                 tmp.unlink(missing_ok=True)
                 raise
             tmp.replace(dest)
+        self.prefetch.hold(name)
         self.services.install(name, dest)
 
     def _render(self, slot_number: int, view: NodeView) -> None:
@@ -644,6 +663,8 @@ class Agent:
                 chained += 1
                 continue
             chained = 0
+            if self.pace != "device":  # a device shows up within ~0.1 s: the boot steps go on right after it
+                self.prefetch.release()
             self.pause()
         self.shutdown()
         return 0

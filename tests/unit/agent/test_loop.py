@@ -694,3 +694,27 @@ def test_prefetch_error_goes_to_the_waiting_step_then_runs_inline() -> None:
         prefetch.result("kafka")
     prefetch.result("kafka")  # the next Install step: inline, and it works now
     assert calls == ["zookeeper", "kafka", "kafka"]
+
+
+def test_a_held_prefetch_step_unpacks_only_once_released_or_asked_for() -> None:
+    unpacked: list[str] = []
+    prefetch: Prefetch
+
+    def step(name: ServerName) -> None:
+        prefetch.hold(name)  # as _download_and_unpack does between the download and the unpack
+        unpacked.append(name)
+
+    prefetch = Prefetch(step, ("zookeeper", "kafka"), held=("kafka",))
+    prefetch.start()
+    prefetch.result("zookeeper")
+    time.sleep(0.1)
+    assert unpacked == ["zookeeper"]  # kafka waits: the boot steps before ZooKeeper's start run on
+    prefetch.release()  # the loop's first wait
+    prefetch.result("kafka")
+    assert unpacked == ["zookeeper", "kafka"]
+
+    unpacked.clear()
+    prefetch = Prefetch(step, ("kafka",), held=("kafka",))
+    prefetch.start()
+    prefetch.result("kafka")  # an Install step releases what it waits for: no deadlock
+    assert unpacked == ["kafka"]
