@@ -279,6 +279,11 @@ def _wait_for_dying_holder(view: NodeView, cfg: ClusterConfig, eni: EniView) -> 
 
 
 def _bring_up_slot(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision:
+    # Free volumes are attached before the scale-in protection: EC2 plugs them while that call runs (an EBS
+    # attach takes seconds). Any wait for a volume comes after the protection, as a slot holder's.
+    attach = _claim_volumes(view, cfg, eni)
+    if attach is not None and isinstance(attach.action, AttachVolumes):
+        return attach
     for step in (_protect, _claim_volumes, _configure_nic, _prepare_disks, _check_identity):
         decision = step(view, cfg, eni)
         if decision is not None:

@@ -276,6 +276,17 @@ def test_free_volumes_are_attached_in_role_order() -> None:
     )
 
 
+def test_free_volumes_are_attached_before_the_protection_a_held_one_waits_after_it() -> None:
+    unprotected = Memory(claimed_slot=2)
+    free = view_claimed().but(volumes=tuple(vol(r, attached_to=None) for r in VOLUME_ROLES), memory=unprotected)
+    assert isinstance(decide(free, CFG).action, AttachVolumes)  # EC2 plugs them while the protection runs
+    held = free.but(volumes=(vol("zk-data"), vol("zk-txlog", attached_to="i-0other"), vol("kafka-log")))
+    assert decide(held, CFG).action == ProtectFromScaleIn(2)  # a slot holder waits protected
+    assert decide(held.but(memory=Memory(claimed_slot=2, protected=True)), CFG).sentence.startswith(
+        "waiting: vol-zk-txlog (slot 2 zk-txlog) is attached to i-0other"
+    )
+
+
 def test_missing_volume_means_wait_never_start() -> None:
     v = view_claimed().but(volumes=(vol("zk-data"), vol("kafka-log")))
     d = decide(v, CFG)

@@ -136,8 +136,8 @@ def test_fresh_boot_reaches_serving(world: FakeWorld, clock: FakeClock, tmp_path
     sentences = run(node, clock, SERVING)
     assert sentences == [
         "claimed eni-0002 (slot 2, 10.0.0.21)",
-        "protecting i-first from scale-in: it holds slot 2 (eni-0002)",
         "attaching slot 2 volumes: vol-2zkdata (zk-data), vol-2zktxlog (zk-txlog), vol-2kafkalog (kafka-log)",
+        "protecting i-first from scale-in: it holds slot 2 (eni-0002)",
         "configuring ens7 (eni-0002): 10.0.0.21/28, policy routing via table 10001",
         "making a filesystem on /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol2zkdata (vol-2zkdata, zk-data): "
         "it has none",
@@ -337,14 +337,15 @@ def test_its_own_boot_steps_reuse_ec2_reads_its_claim_and_attach_do_not(
         sentence = node.agent.run_cycle()
         cycles.append((sentence, world.calls.count("slot_enis") - enis, world.calls.count("slot_volumes") - volumes))
     sentences = [s for s, _, _ in cycles]
-    after_claim = sentences.index("protecting i-first from scale-in: it holds slot 2 (eni-0002)")
-    after_protect = after_claim + 1
-    after_attach = next(i for i, s in enumerate(sentences) if s.startswith("attaching slot 2 volumes")) + 1
+    after_claim = next(i for i, s in enumerate(sentences) if s.startswith("attaching slot 2 volumes"))
+    after_attach = sentences.index("protecting i-first from scale-in: it holds slot 2 (eni-0002)")
+    after_protect = after_attach + 1
+    assert after_attach == after_claim + 1
     assert cycles[after_claim][1:] == (1, 1)  # the claim changed the ENIs: everything read afresh
-    assert cycles[after_protect][1:] == (0, 0)  # scale-in protection changes nothing EC2 describes
     assert cycles[after_attach][1:] == (0, 1)  # the attach changed the volumes only
-    # mkfs, mount, marker, install, render, start: EC2 is not described again (the clock stood still here).
-    assert [c[1:] for c in cycles[after_attach + 1 :]] == [(0, 0)] * (len(cycles) - after_attach - 1)
+    assert cycles[after_protect][1:] == (0, 0)  # scale-in protection changes nothing EC2 describes
+    # NIC, mkfs, mount, marker, install, render, start: EC2 is not described again (the clock stood still here).
+    assert [c[1:] for c in cycles[after_protect + 1 :]] == [(0, 0)] * (len(cycles) - after_protect - 1)
 
 
 def test_the_wait_for_its_broker_is_woken_by_the_registration(
@@ -430,9 +431,11 @@ def test_lost_volume_race_keeps_the_slot_and_retries(world: FakeWorld, clock: Fa
     assert isinstance(cloud, FakeCloud)
     cloud.race["vol-2zktxlog"] = "i-other"
     sentences = [node.agent.run_cycle() for _ in range(4)]
-    assert sentences[2] == "waiting: vol-2zktxlog was attached by i-other first; keeping the slot, retrying next cycle"
+    assert sentences[1] == "waiting: vol-2zktxlog was attached by i-other first; keeping the slot, retrying next cycle"
     # All three were tried at once: the two that were free are ours.
     assert [world.volumes[v].attached_to for v in ("vol-2zkdata", "vol-2kafkalog")] == ["i-first", "i-first"]
+    # The wait for the held one comes after the protection: a slot holder's wait.
+    assert sentences[2] == "protecting i-first from scale-in: it holds slot 2 (eni-0002)"
     assert sentences[3] == (
         "waiting: vol-2zktxlog (slot 2 zk-txlog) is attached to i-other (running); "
         "not starting without all three volumes"
