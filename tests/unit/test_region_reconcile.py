@@ -26,6 +26,7 @@ from kafka_asg.local.daemon import (
     RegionSpec,
     bastion_address,
     plan,
+    signed_for,
 )
 from kafka_asg.local.fakehosts import FakeHosts
 from kafka_asg.local.hostapi import InstanceSpec, NicSpec
@@ -276,3 +277,20 @@ def test_served_api_and_admin_endpoint_on_loopback(region: Region) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("authorization", "service"),
+    [
+        ("AWS4-HMAC-SHA256 Credential=AKID/20261126/eu-west-1/s3/aws4_request, SignedHeaders=host, Signature=ab", "s3"),
+        (
+            "AWS4-HMAC-SHA256 Credential=AKID/20261126/eu-west-1/ec2/aws4_request, SignedHeaders=host, Signature=ab",
+            "ec2",
+        ),
+        ("", None),
+        ("AWS AKID:signature-v2", None),
+    ],
+)
+def test_the_service_a_request_is_signed_for(authorization: str, service: str | None) -> None:
+    # S3 requests skip the strict lock (nothing the reconcile loop ticks or observes); anything else takes it.
+    assert signed_for({"HTTP_AUTHORIZATION": authorization} if authorization else {}) == service
