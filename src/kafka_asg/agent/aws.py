@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import cast
 
 from kafka_asg.agent.ports import Cloud, EniView, Imds, InstanceState, VolumeView
 from kafka_asg.config import CLUSTER_TAG, ROLE_TAG, SLOT_TAG
@@ -46,8 +46,6 @@ from kafka_asg.retry import RETRYABLE_AWS_CODES, Retry
 from kafka_asg.s3get import object_url, sigv4_headers
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 CLAIM_LOST_CODES = frozenset({"InvalidNetworkInterface.InUse", "VolumeInUse", "IncorrectState"})
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
