@@ -63,7 +63,7 @@ JAR_ONLY_COPY_GOAL = "org.apache.maven.plugins:maven-dependency-plugin:2.8:copy"
 SCALA_VERSION = "2.13"
 # Every archive member gets this mtime (1980-01-01, the zip epoch) so equal inputs give equal archives.
 FIXED_MTIME = 315532800
-ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+ZIP_EPOCH = time.gmtime(FIXED_MTIME)[:6]  # the same moment as a zip member's date_time
 
 # Central serves zookeeper-3.8.7.pom but not the parent-3.8.7.pom it inherits its dependency versions from
 # (404 on repo.maven.apache.org, checked 2026-11-25), so Maven cannot read 3.8.7's dependency list. Its

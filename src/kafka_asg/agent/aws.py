@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
 from kafka_asg.agent.ports import Cloud, EniView, Imds, InstanceState, VolumeView
 from kafka_asg.config import CLUSTER_TAG, ROLE_TAG, SLOT_TAG
@@ -68,12 +68,28 @@ CHUNK = 1 << 20
 USER_AGENT = "kafka-asg-agent"
 
 
+class CredentialSource(Protocol):
+    """What :class:`AwsCloud` signs with: called before each request; told when AWS said they expired."""
+
+    def __call__(self) -> Credentials: ...
+
+    def forget(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class Credentials:
+    """A key pair (and session token). Also a :class:`CredentialSource` of itself: fixed, nothing to read again."""
+
     access_key_id: str
     secret_access_key: str
     token: str | None = None
     expires_at: float | None = None  # epoch seconds; None: they do not expire
+
+    def __call__(self) -> Credentials:
+        return self
+
+    def forget(self) -> None:
+        pass
 
     def for_signing(self) -> dict[str, str]:
         creds = {"AccessKeyId": self.access_key_id, "SecretAccessKey": self.secret_access_key}
@@ -205,7 +221,7 @@ class AwsCloud(Cloud):
     """EC2, Auto Scaling and S3 for one region.
 
     :param region: the instance's region (from IMDS).
-    :param credentials: returns the credentials to sign with (:class:`CredentialChain`).
+    :param credentials: the credentials to sign with (:class:`CredentialChain`, or fixed :class:`Credentials`).
     :param endpoint_url: one endpoint for every service (the ``--endpoint-url`` flag); None: see the module.
     :param retry: the policy for transient failures of every call.
     :param timeout: socket timeout per connect and per read.
@@ -214,7 +230,7 @@ class AwsCloud(Cloud):
     def __init__(
         self,
         region: str,
-        credentials: Callable[[], Credentials],
+        credentials: CredentialSource,
         endpoint_url: str | None = None,
         *,
         retry: Retry | None = None,
@@ -281,7 +297,7 @@ class AwsCloud(Cloud):
         if response.will_close:
             self._drop(parts)
         code, message = error_of(response.status, data)
-        if code in EXPIRED_CREDENTIAL_CODES and isinstance(self.credentials, CredentialChain):
+        if code in EXPIRED_CREDENTIAL_CODES:
             self.credentials.forget()
         raise classify(code, message, what, resource)
 

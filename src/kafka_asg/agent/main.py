@@ -153,8 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("kazoo",):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("kazoo").setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except KafkaAsgError as exc:

@@ -194,7 +194,7 @@ def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, An
             "vols": vols,
             "image": image,
             "instance": run["Instances"][0]["InstanceId"],
-            "cloud": AwsCloud(REGION, lambda: TESTING, endpoint_url=moto_url, retry=FAST),
+            "cloud": AwsCloud(REGION, TESTING, endpoint_url=moto_url, retry=FAST),
         }
     finally:
         # moto's backends are process-global: the next test starts from an empty account.
@@ -351,7 +351,7 @@ def ec2_error(code: str, message: str) -> bytes:
 def test_throttling_is_retried_and_requests_are_signed(scripted: tuple[str, type[Scripted]]) -> None:
     url, handler = scripted
     handler.script = [(503, ec2_error("RequestLimitExceeded", "slow down")), (200, RUNNING)]
-    cloud = AwsCloud(REGION, lambda: Credentials("AKID", "secret", "tok"), endpoint_url=url, retry=FAST)
+    cloud = AwsCloud(REGION, Credentials("AKID", "secret", "tok"), endpoint_url=url, retry=FAST)
     assert cloud.instance_state("i-1") == "running"
     assert len(handler.seen) == 2
     request = handler.seen[-1]
@@ -383,14 +383,14 @@ def test_expired_credentials_are_read_again(scripted: tuple[str, type[Scripted]]
 def test_a_dropped_keep_alive_connection_is_replaced(scripted: tuple[str, type[Scripted]]) -> None:
     url, handler = scripted
     handler.script = [(200, RUNNING), "close", (200, RUNNING)]
-    cloud = AwsCloud(REGION, lambda: TESTING, endpoint_url=url, retry=Retry(deadline=5.0, max_tries=1))
+    cloud = AwsCloud(REGION, TESTING, endpoint_url=url, retry=Retry(deadline=5.0, max_tries=1))
     assert cloud.instance_state("i-1") == "running"
     assert cloud.instance_state("i-1") == "running"  # no retry allowed: the reconnect did it
     assert len(handler.seen) == 3
 
 
 def test_an_unreachable_endpoint_is_unavailable() -> None:
-    cloud = AwsCloud(REGION, lambda: TESTING, endpoint_url="http://127.0.0.1:9", retry=Retry(deadline=1, max_tries=2))
+    cloud = AwsCloud(REGION, TESTING, endpoint_url="http://127.0.0.1:9", retry=Retry(deadline=1, max_tries=2))
     with pytest.raises(Unavailable, match=r"cannot reach 127\.0\.0\.1:9"):
         cloud.slot_enis("c", "subnet-1")
 
@@ -400,7 +400,7 @@ def test_a_broken_download_starts_again_from_the_first_byte(
 ) -> None:
     url, handler = scripted
     handler.script = [(200, b"ab", 1 << 21), (200, b"abc")]  # 2 MiB announced, 2 bytes sent: broken off
-    cloud = AwsCloud(REGION, lambda: TESTING, endpoint_url=url, retry=FAST)
+    cloud = AwsCloud(REGION, TESTING, endpoint_url=url, retry=FAST)
     dest = tmp_path / "a"
     assert cloud.download("bkt", "k", dest) == hashlib.sha256(b"abc").hexdigest()
     assert dest.read_bytes() == b"abc"
@@ -412,7 +412,7 @@ def test_attach_in_use_is_claim_lost_and_never_retried(scripted: tuple[str, type
     # Plain moto lets two instances attach one ENI (the rehearsal's strict layer does not): scripted here.
     url, handler = scripted
     handler.script = [(400, ec2_error("InvalidNetworkInterface.InUse", "Interface: [eni-2] in use."))]
-    cloud = AwsCloud(REGION, lambda: TESTING, endpoint_url=url, retry=FAST)
+    cloud = AwsCloud(REGION, TESTING, endpoint_url=url, retry=FAST)
     with pytest.raises(ClaimLost, match="in use") as lost:
         cloud.attach_eni("eni-2", "i-1", 1)
     assert lost.value.resource_id == "eni-2"
