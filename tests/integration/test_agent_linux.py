@@ -119,11 +119,8 @@ def test_configure_nic_copes_with_a_helper_that_raced_it(netns: str, tmp_path: P
     # amazon-ec2-net-utils added the address and the rule between the agent's reads and its changes: the one-process
     # batch stops at "File exists", and the changes then run one by one, where an existing object counts as done.
     class StaleReads(LinuxHost):
-        def _addresses(self, ifname: str) -> tuple[IPv4Address, ...]:
-            return ()
-
-        def _rule_tables(self, ip: IPv4Address) -> list[str]:
-            return []
+        def _configured(self, ifname: str, ip: IPv4Address) -> tuple[set[IPv4Address], set[str]]:
+            return set(), set()
 
     run("ip", "-n", netns, "addr", "add", f"{FIXED_IP}/{SUBNET.prefixlen}", "dev", "ens6", "noprefixroute")
     run("ip", "-n", netns, "rule", "add", "from", str(FIXED_IP), "lookup", str(TABLE), "priority", str(TABLE))
@@ -138,8 +135,8 @@ def test_configure_nic_copes_with_a_helper_that_raced_it(netns: str, tmp_path: P
 
 def test_a_failed_nic_change_names_its_command(netns: str, tmp_path: Path) -> None:
     class NoSuchDevice(LinuxHost):
-        def _addresses(self, ifname: str) -> tuple[IPv4Address, ...]:
-            return ()
+        def _configured(self, ifname: str, ip: IPv4Address) -> tuple[set[IPv4Address], set[str]]:
+            return set(), set()
 
     host = NoSuchDevice(AgentPaths(root=tmp_path), command_prefix=("nsenter", f"--net=/run/netns/{netns}"))
     with pytest.raises(HostError, match=r"ip addr add 198\.51\.100\.21/28 dev ens9 noprefixroute failed"):

@@ -368,7 +368,9 @@ def test_teardown_after_a_crash_restores_the_machine(paths: RegionPaths, journal
 
 def test_a_failed_build_leaves_nothing_behind_and_can_be_retried(hosts: LinuxHosts, paths: RegionPaths) -> None:
     bad = InstanceSpec(new_id(), IPv4Address("10.0.0.5"), "not-a-mac", SUBNET_A)
-    with pytest.raises(HostError, match=r"ip -n i-\w+ link set .* address not-a-mac"):
+    with pytest.raises(
+        HostError, match=r"invalid lladdr.*ip -n kasg-t4-vpc link add \w+ type veth .* address not-a-mac"
+    ):
         hosts.create_instance(bad)
     assert bad.instance_id not in hosts.live_instances()
     assert not paths.instance_dir(bad.instance_id).exists()

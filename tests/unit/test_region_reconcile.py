@@ -24,7 +24,9 @@ from kafka_asg.local.daemon import (
     ObservedInstance,
     RegionDaemon,
     RegionSpec,
+    Step,
     bastion_address,
+    batched,
     plan,
     signed_for,
 )
@@ -294,3 +296,24 @@ def test_served_api_and_admin_endpoint_on_loopback(region: Region) -> None:
 def test_the_service_a_request_is_signed_for(authorization: str, service: str | None) -> None:
     # S3 requests skip the strict lock (nothing the reconcile loop ticks or observes); anything else takes it.
     assert signed_for({"HTTP_AUTHORIZATION": authorization} if authorization else {}) == service
+
+
+def test_attaches_to_one_instance_are_applied_together_everything_else_one_by_one() -> None:
+    def step(kind: str, iid: str, what: str = "") -> Step:
+        return Step(kind, iid, volume_id=what or None)
+
+    steps = [
+        step("detach", "i-a", "vol-0"),
+        step("attach", "i-b", "vol-1"),
+        step("attach", "i-b", "vol-2"),
+        step("attach", "i-c", "vol-3"),
+        step("plug", "i-c"),
+        step("attach", "i-c", "vol-4"),
+    ]
+    assert [[s.describe() for s in group] for group in batched(steps)] == [
+        ["detach i-a vol-0"],
+        ["attach i-b vol-1", "attach i-b vol-2"],
+        ["attach i-c vol-3"],
+        ["plug i-c"],
+        ["attach i-c vol-4"],
+    ]

@@ -12,7 +12,7 @@ no action.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Literal
@@ -70,6 +70,7 @@ class ProtectFromScaleIn:
 @dataclass(frozen=True)
 class AttachVolumes:
     attachments: tuple[tuple[str, str], ...]  # (volume id, API device name)
+    protect: bool = False  # and protect the instance from scale-in, in the same step (ProtectFromScaleIn)
 
 
 @dataclass(frozen=True)
@@ -279,11 +280,15 @@ def _wait_for_dying_holder(view: NodeView, cfg: ClusterConfig, eni: EniView) -> 
 
 
 def _bring_up_slot(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision:
-    # Free volumes are attached before the scale-in protection: EC2 plugs them while that call runs (an EBS
-    # attach takes seconds). Any wait for a volume comes after the protection, as a slot holder's.
+    # Free volumes are attached together with the scale-in protection, one step (the calls run side by side): EC2
+    # plugs them meanwhile (an EBS attach takes seconds). Any wait for a volume comes after the protection, as a
+    # slot holder's.
     attach = _claim_volumes(view, cfg, eni)
     if attach is not None and isinstance(attach.action, AttachVolumes):
-        return attach
+        protect = _protect(view, cfg, eni)
+        if protect is None:
+            return attach
+        return Decision(replace(attach.action, protect=True), f"{attach.sentence}; {protect.sentence}", "booting")
     for step in (_protect, _claim_volumes, _configure_nic, _prepare_disks, _check_identity):
         decision = step(view, cfg, eni)
         if decision is not None:
@@ -466,11 +471,12 @@ def _supervise(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision:
     zk = _start_or_restart(view, "zookeeper", f"server.{eni.slot}, {eni.ip}:{cfg.ports.zk_client}")
     if zk is not None:
         return zk
+    if "kafka" not in view.memory.installed:
+        # Kafka's archive unpacks while ZooKeeper starts and joins the quorum (both in the prefetch, begun at boot):
+        # installed before the wait, the quorum's arrival starts Kafka in the very next cycle.
+        return Decision(Install("kafka"), f"installing kafka {cfg.kafka.version}", "booting")
     if view.zk_mode not in SERVING_ZK_MODES:
         return _wait(f"waiting: zookeeper quorum not formed (mode: {view.zk_mode})", pace="soon")
-    if "kafka" not in view.memory.installed:
-        # Kafka's archive unpacks while ZooKeeper starts and joins the quorum (both in the prefetch, begun at boot).
-        return Decision(Install("kafka"), f"installing kafka {cfg.kafka.version}", "booting")
     if view.leftover_registration and not view.server("kafka").running:
         # A second broker with this id would fail with NodeExists (and crash-loop into the backoff) until the
         # previous holder's ZooKeeper session expires (zookeeper.session.timeout.ms after it died); or it is

@@ -18,14 +18,16 @@ import resource
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from functools import partial
+from pathlib import Path, PurePath, PurePosixPath
 from types import FrameType
 from typing import Any, Protocol
 
 from kafka_asg.agent import render
+from kafka_asg.agent.concurrency import at_once, lower_thread_priority
 from kafka_asg.agent.decide import (
     Action,
     AttachVolumes,
@@ -70,13 +72,15 @@ logger = logging.getLogger(__name__)
 TAG_PREFIX = "kafka-asg:"
 MAX_TAG_VALUE = 255  # EC2 tag values are at most 256 Unicode characters
 PROTECT_STEP = "scale-in-protection"  # a per-instance step (semaphore)
-# Waits on this node's own devices and servers: EC2 reads are reused across them (reads.py).
-OWN_PACES: frozenset[Pace] = frozenset({"device", "soon"})
+# Waits on this node's own devices and servers, and on ZooKeeper (its own broker's registration, a dead broker's
+# session): EC2 reads are reused across them (reads.py). Not across a wait on EC2 or another instance ("boot"), nor
+# from one serving cycle to the next ("idle": each one reads EC2 afresh, the fencing heartbeat).
+OWN_PACES: frozenset[Pace] = frozenset({"device", "soon", "watched"})
 MAX_CHAINED_CYCLES = 50  # boot steps run back to back at most this many times before a pause
-# Steps after which EC2 reads must be read afresh, because they change them: a claim or a fence everything (slot
-# ENIs, volumes, holders), attaching volumes only the volumes.
+# Steps after which EC2 reads must be read afresh, because they change them: a fence everything (slot ENIs,
+# volumes, holders), a claim the volumes (the slot's ENIs it reads back at once), attaching volumes the volumes.
 STALE_READS: Mapping[type[Action], tuple[ReadKind, ...]] = {
-    ClaimEni: ALL_READS,
+    ClaimEni: VOLUME_READS,  # and the ENIs, but the claim reads them back itself
     Fence: ALL_READS,
     AttachVolumes: VOLUME_READS,
 }
@@ -121,8 +125,9 @@ class AgentSettings:
     # rehearsal plugs a device within ~0.1 s of the attach call), then at the soon pace (EBS on Nitro: seconds).
     device_interval: float = 0.05
     device_fast_seconds: float = 1.0
-    # EC2, IMDS lifecycle, NIC and blkid reads reused across waits on its own devices and servers (reads.py)
-    soon_reads_max_age: float = 0.9
+    # EC2, IMDS lifecycle, NIC and blkid reads reused across waits on its own devices and servers (reads.py), for
+    # at most a serving cycle: a booting node never looks at its slot less often than a serving one.
+    reads_max_age: float = 5.0
     watched_interval: float = 2.0  # a wait a ZooKeeper watch ends (pace "watched"): the poll is the fallback
     serving_interval: float = 5.0  # also standby and refused
     heartbeat_seconds: float = 60.0  # report() at least this often, even when nothing changed
@@ -145,10 +150,10 @@ class Prefetch:
 
     The install (download, sha256, unpack) needs no slot, so the daemon starts it right after the first
     cycle: it then overlaps the claim, the wait for a dying holder, the attaches and the mounts instead of
-    following them; and ZooKeeper, installed first, starts while Kafka's archive still unpacks. Decisions stay
+    following them; and ZooKeeper, installed first, starts while Kafka's archive is fetched and unpacked. Decisions stay
     in the loop: the Install step calls :meth:`result`. After an error (or without a start, as in the unit
     tests' ``run_cycle``) :meth:`result` runs the step inline. A ``held`` name's step waits in :meth:`hold`
-    (before its unpack) until :meth:`release`, or until the loop asks for its result.
+    (before its download) until :meth:`release`, or until the loop asks for its result.
     """
 
     def __init__(
@@ -184,9 +189,15 @@ class Prefetch:
                 self._changed.notify_all()
 
     def hold(self, name: ServerName) -> None:
-        """Called by the step before its CPU-heavy part (the unpack): a held name waits for :meth:`release`."""
+        """Called by the step before its heavy part (download, hash, unpack): a held name waits for :meth:`release`,
+        then goes on at a lower CPU priority (this thread only): it runs while ZooKeeper's JVM starts, which is
+        what the boot waits for, and Kafka is needed only once ZooKeeper serves."""
         if name in self._held:
             self._released.wait()
+
+    def background(self, name: ServerName) -> None:
+        if name in self._held and threading.current_thread() is self._thread:
+            lower_thread_priority()
 
     def release(self) -> None:
         self._released.set()
@@ -283,11 +294,13 @@ class Agent:
         self._wake = threading.Event()
         services.on_change(self._wake.set)
         self._last_bug: str | None = None
-        # Kafka's archive (59 MB) unpacks in Python: during the boot steps before ZooKeeper starts it took the GIL
-        # from them; it waits for the loop's first wait on something other than a device (ZooKeeper's start: it
-        # needs most of a second to serve, and Kafka is not needed before that).
+        # Kafka's archive (59 MB) is downloaded, hashed and unpacked in Python: during the boot steps before
+        # ZooKeeper starts it took cores and the GIL from them (and, in the rehearsal, the local S3 serving it took
+        # the rest); it waits for the loop's first wait on something other than a device it has just attached
+        # (ZooKeeper's start: it needs most of a second to serve, and Kafka is not needed before that; or a device
+        # that takes more than a second to show up, as EBS on AWS may).
         self.prefetch = Prefetch(self._download_and_unpack, SERVER_NAMES, held=("kafka",))
-        self.reads = RecentReads(cloud, self.clock.monotonic, self.settings.soon_reads_max_age)
+        self.reads = RecentReads(cloud, self.clock.monotonic, self.settings.reads_max_age)
 
     # ----------------------------------------------------------------------------------- cycle
     def run_cycle(self) -> str:
@@ -343,9 +356,13 @@ class Agent:
                 self._last_bug = sentence
         self.last_view = view
         self._set_state(state)
+        self._publish(sentence, view, report=False)
+        logger.info("%s", sentence)  # the cycle's line, as soon as its status file says it
         # A boot step chains into the next at once: its tags wait for the first cycle that waits (a CreateTags
-        # round trip, 10-20 ms, more on a busy API, between boot steps would only slow the boot).
-        self._publish(sentence, view, report=not self.progressed)
+        # round trip, 10-20 ms, more on a busy API, between boot steps would only slow the boot), and not one of
+        # the first second's 50 ms looks for a device (it would delay the next look).
+        if not self.progressed and not self._fast_device_wait:
+            self.report_tags()
         return sentence
 
     def _unchanged_state(self) -> NodeState:
@@ -405,8 +422,7 @@ class Agent:
                 self.host.make_filesystem(action.device, action.label)
                 return None
             case Mount():
-                for mount in action.mounts:
-                    self.host.mount(mount.device, mount.mountpoint)
+                self._mount(action)
                 return None
             case InitVolume():
                 self._init_volume(action)
@@ -438,7 +454,10 @@ class Agent:
             # InUse by us: an earlier attach of ours went through (e.g. its reply was lost and retried).
         # Read the attachment back: the attach call is the lock on EC2, but not on every emulator
         # (moto accepts a second attach), so "mine" is what describe says, never what attach returned.
-        now_held = {e.eni_id: e.attached_to for e in self.cloud.slot_enis(self.cfg.name, view.identity.subnet_id)}
+        # Read afresh, and kept for the next cycle (boot steps follow at once, and this read is seconds fresh).
+        self.reads.forget()
+        enis = self.reads.slot_enis(self.cfg.name, view.identity.subnet_id)
+        now_held = {e.eni_id: e.attached_to for e in enis}
         read_back = now_held.get(action.eni_id)
         if read_back != me:
             return Outcome(
@@ -470,22 +489,13 @@ class Agent:
     def _attach_volumes(self, action: AttachVolumes, view: NodeView) -> Outcome | None:
         """All at once: each attach is its own lock, and one after another they were three round trips (80 ms
         on a busy API) of every boot. The first failure, in the action's order, is this step's."""
-        failures: dict[str, BaseException] = {}
-
-        def attach(volume_id: str, device: str) -> None:
-            try:
-                self.cloud.attach_volume(volume_id, view.instance_id, device)
-            except BaseException as exc:  # handed to the loop's thread below
-                failures[volume_id] = exc
-
-        threads = [
-            threading.Thread(target=attach, args=item, name=f"attach-{item[0]}", daemon=True)
-            for item in action.attachments
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        calls: dict[str, Callable[[], object]] = {
+            volume_id: partial(self.cloud.attach_volume, volume_id, view.instance_id, device)
+            for volume_id, device in action.attachments
+        }
+        if action.protect:
+            calls[PROTECT_STEP] = partial(self._protect, view)
+        failures = at_once(calls)
         for volume_id, _ in action.attachments:
             failure = failures.get(volume_id)
             if isinstance(failure, ClaimLost):
@@ -497,7 +507,22 @@ class Agent:
                 )
             if failure is not None:
                 raise failure
+        if PROTECT_STEP in failures:
+            raise failures[PROTECT_STEP]
         return None
+
+    def _mount(self, action: Mount) -> None:
+        """All at once (each ``mount`` process 10-20 ms on a busy boot), unless one mountpoint lies below another:
+        then in the action's order, so the outer one is mounted before the inner one's directory is made on it."""
+        calls = {str(m.mountpoint): partial(self.host.mount, m.device, m.mountpoint) for m in action.mounts}
+        if nested(m.mountpoint for m in action.mounts):
+            for call in calls.values():
+                call()
+            return
+        failures = at_once(calls)
+        for point in calls:
+            if point in failures:
+                raise failures[point]
 
     def _init_volume(self, action: InitVolume) -> None:
         # lost+found first: the marker ends this step, so a failure here is retried next cycle.
@@ -524,6 +549,7 @@ class Agent:
         if entry is None:
             raise CloudError(f"{where} is not in manifest.json: re-run `kafka-asg up` to upload it")
         dest = self.paths.downloads_dir / PurePosixPath(key).name
+        self.prefetch.background(name)
         if not (dest.exists() and sha256_file(dest) == entry["sha256"]):
             tmp = dest.with_name(dest.name + ".part")
             try:
@@ -651,7 +677,7 @@ class Agent:
     def _loop(self) -> int:
         chained = 0
         while not self._stop.is_set():
-            logger.info("%s", self.run_cycle())
+            self.run_cycle()
             if self.halted:
                 return 0
             # After the first cycle (it read the warm-pool state): an instance headed for a warm pool halts
@@ -663,7 +689,7 @@ class Agent:
                 chained += 1
                 continue
             chained = 0
-            if self.pace != "device":  # a device shows up within ~0.1 s: the boot steps go on right after it
+            if not self._fast_device_wait:  # a device shows up within ~0.1 s: the boot steps go on right after it
                 self.prefetch.release()
             self.pause()
         self.shutdown()
@@ -680,15 +706,23 @@ class Agent:
     def interval(self) -> float:
         """Seconds until the next cycle after a wait, by the pace of the last decision."""
         if self.pace == "device":
-            since = self._device_wait_since
-            fast = since is not None and self.clock.monotonic() - since < self.settings.device_fast_seconds
-            return self.settings.device_interval if fast else self.settings.soon_interval
+            return self.settings.device_interval if self._fast_device_wait else self.settings.soon_interval
         return {
             "soon": self.settings.soon_interval,
             "watched": self.settings.watched_interval,
             "boot": self.settings.booting_interval,
             "idle": self.settings.serving_interval,
         }[self.pace]
+
+    @property
+    def _fast_device_wait(self) -> bool:
+        """Waiting for a device it attached, for less than ``device_fast_seconds`` so far."""
+        since = self._device_wait_since
+        return (
+            self.pace == "device"
+            and since is not None
+            and self.clock.monotonic() - since < self.settings.device_fast_seconds
+        )
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -710,6 +744,12 @@ class Agent:
             logger.error("while stopping the servers: %s", exc)
         self._publish(sentence, self.last_view)
         return sentence
+
+
+def nested(mountpoints: Iterable[PurePath]) -> bool:
+    """Whether one of the mountpoints lies below another (then they are mounted one after another)."""
+    points = [PurePosixPath(p) for p in mountpoints]
+    return any(a != b and a.is_relative_to(b) for a in points for b in points)
 
 
 def _manifest(raw: bytes, bucket: str) -> dict[str, dict[str, object]]:

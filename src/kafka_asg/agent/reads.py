@@ -1,13 +1,14 @@
-"""``RecentReads``: the agent's EC2 reads, reused for a moment while it waits on its own servers.
+"""``RecentReads``: the agent's EC2 reads, reused while it waits on its own servers.
 
-While ZooKeeper joins the quorum and Kafka registers, the loop looks every ``soon_interval`` (0.2 s); the
-EC2 side (slot ENIs, slot volumes, holders) does not change meanwhile unless the agent changes it itself, and
-describing it five times a second was most of the agent's CPU during a boot. Reads are reused for at most
-``max_age`` seconds and only across such waits and the node's own steps (mount, render, start: the boot runs
-them back to back), never across a wait on EC2 or another instance, and forgotten after every step that
-changes them (the agent's own claim is read back at once, and after attaching volumes, the volumes). EC2's
-Describe* calls are eventually consistent on that scale anyway (EC2 API reference, "Eventual consistency").
-Fencing is unaffected in kind: a lost slot is seen at most ``max_age`` later.
+While ZooKeeper joins the quorum and Kafka registers, the loop looks every ``soon_interval`` (0.2 s) or when a
+ZooKeeper watch wakes it; the EC2 side (slot ENIs, slot volumes, holders) does not change meanwhile unless the
+agent changes it itself, and describing it five times a second was most of the agent's CPU during a boot (and,
+on the busy API of a boot, 20-50 ms between ZooKeeper serving and Kafka starting). Reads are reused for at most
+``max_age`` seconds (the agent: a serving cycle, 5 s) and only across such waits and the node's own steps
+(mount, render, start: the boot runs them back to back), never across a wait on EC2 or another instance, and
+forgotten after every step that changes them (the agent's own claim is read back at once, and after attaching
+volumes, the volumes). Fencing is unaffected in kind: a lost slot is seen at most ``max_age`` later, as a serving
+node sees it at its next cycle.
 
 One read is kept for good: an instance seen ``shutting-down`` or ``terminated`` never runs again (EC2 User Guide,
 "Instance state changes"), so the wait for a dying holder's ENI describes only the ENI, twice a second.
@@ -15,6 +16,7 @@ One read is kept for good: an instance seen ``shutting-down`` or ``terminated`` 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar, cast
@@ -42,6 +44,7 @@ class Recent:
         self.clock = clock
         self.max_age = max_age
         self._kept: dict[Hashable, tuple[float, object]] = {}
+        self._lock = threading.Lock()  # steps run some calls at once (the mounts): forget() must not race them
 
     def get(self, key: Hashable, fetch: Callable[[], T], *, keep: Callable[[T], bool] = _always) -> T:
         """The value kept under ``key`` if younger than ``max_age``, else ``fetch()`` (kept if ``keep`` says so)."""
@@ -51,13 +54,15 @@ class Recent:
             return cast(T, hit[1])  # stored by this method under this key, from the same fetch
         value = fetch()
         if keep(value):
-            self._kept[key] = (now, value)
+            with self._lock:
+                self._kept[key] = (now, value)
         return value
 
     def forget(self, stale: Callable[[Hashable], bool] = _always) -> None:
         """Drop the reads whose key is ``stale`` (all by default)."""
-        for key in [k for k in self._kept if stale(k)]:
-            del self._kept[key]
+        with self._lock:
+            for key in [k for k in self._kept if stale(k)]:
+                del self._kept[key]
 
 
 class RecentReads(Cloud):

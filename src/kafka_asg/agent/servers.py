@@ -8,6 +8,7 @@ restarted on a live instance adopts the running servers instead of starting seco
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -26,6 +28,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import IO, Any
 
+from kafka_asg.agent.concurrency import lower_thread_priority
 from kafka_asg.agent.ports import SERVING_ZK_MODES, ServerName, ServerState, Services, ZkMode
 from kafka_asg.errors import ServiceError, Unavailable
 from kafka_asg.fsutil import atomic_write, safe_extract
@@ -215,6 +218,10 @@ class ProcessServices(Services):
         self._running[name] = _Running(popen.pid, self.clock(), popen, wall_started_at)
         atomic_write(self._pid_file(name), f"{popen.pid}\n")
         logger.info("started %s (pid %d) with %s", name, popen.pid, config)
+        if name == "zookeeper" and "kazoo.client" not in sys.modules:
+            # The registration probe's client (kazoo: 50 ms of imports) loads while ZooKeeper starts, which takes
+            # most of a second; loaded at the probe, it came between ZooKeeper serving and Kafka starting.
+            threading.Thread(target=_preload, args=("kazoo.client",), name="import-kazoo", daemon=True).start()
 
     def _adopt(self, name: ServerName) -> _Running | None:
         """A server left running by a previous agent, recognised by its pid file and main class."""
@@ -451,6 +458,12 @@ def process_start_time(pid: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _preload(module: str) -> None:
+    lower_thread_priority()  # ZooKeeper's JVM is starting: it comes first
+    with contextlib.suppress(ImportError):  # the probe that needs it imports it again, and says what is missing
+        importlib.import_module(module)
 
 
 def _mark(fh: IO[bytes], text: str) -> None:

@@ -240,7 +240,7 @@ def observe(
             holder_ids |= {v.attached_to for v in volumes if v.attached_to and v.attached_to != identity.instance_id}
         else:
             volumes = _instance_volumes(cloud.instance_volumes(identity.instance_id), identity, my_eni.slot)
-        disks = {v.volume_id: host.disk(v.volume_id) for v in volumes if v.attached_to == identity.instance_id}
+        disks = host.disks([v.volume_id for v in volumes if v.attached_to == identity.instance_id])
     holders = {h: cloud.instance_state(h) for h in sorted(holder_ids)}
 
     markers, zk_myid, kafka_meta = _identity_files(host, volumes, disks, mountpoints, identity.instance_id)

@@ -29,6 +29,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
+from kafka_asg.agent.concurrency import lower_thread_priority
 from kafka_asg.config import CLUSTER_TAG, ClusterConfig, Subnet
 from kafka_asg.errors import ConfigError, HostError, KafkaAsgError
 from kafka_asg.fsutil import atomic_write
@@ -221,6 +222,19 @@ def plan(observed: Observed, applied: Applied) -> list[Step]:
     return steps
 
 
+def batched(steps: Iterable[Step]) -> list[tuple[Step, ...]]:
+    """The plan's steps in order, the attaches to one instance together: an agent attaches its slot's volumes at
+    once, and the host shows them in one go (one loop listing, one process in the instance)."""
+    out: list[tuple[Step, ...]] = []
+    for step in steps:
+        last = out[-1] if out else ()
+        if step.kind == "attach" and last and last[0].kind == "attach" and last[0].instance_id == step.instance_id:
+            out[-1] = (*last, step)
+        else:
+            out.append((step,))
+    return out
+
+
 def decode_user_data(raw: Any) -> bytes | None:
     """moto keeps user data base64-encoded (its ``Base64EncodedString``, or a plain str)."""
     if not raw:
@@ -348,6 +362,7 @@ class RegionDaemon:
     _wake: threading.Event = field(default_factory=threading.Event)  # set by an attach, and by stop()
     _servers: list[Any] = field(default_factory=list)
     _failures: dict[str, int] = field(default_factory=dict)
+    _imaged: frozenset[VolumeSpec] | None = None  # the volumes _sync_images last made images for
 
     def __post_init__(self) -> None:
         self.strict = StrictMoto(self.spec.options, account_id=self.account_id)
@@ -406,26 +421,36 @@ class RegionDaemon:
 
     def reconcile_once(self) -> list[str]:
         """Tick strict moto, then make the machine match the API. Returns what was done, one line per step."""
-        self.strict.tick([self.spec.region])
+        # One turn of the lock for both: each turn waits behind the API requests in flight (30-50 ms of a boot).
         with self.strict.lock:
+            self.strict.tick([self.spec.region])
             observed = observe(self.ec2, self.spec, self.paths.volumes_dir)
         self._sync_images(observed.all_volumes)
         done = []
-        for step in plan(observed, self.applied()):
+        for steps in batched(plan(observed, self.applied())):
             try:
-                self.apply(step)
-                done.append(step.describe())
-                self._failures.pop(step.describe(), None)
+                self.apply(*steps)
+                for step in steps:
+                    done.append(step.describe())
+                    self._failures.pop(step.describe(), None)
             except HostError as exc:
                 # Retried next cycle (the plan is recomputed); logged loudly only the first few times.
-                count = self._failures[step.describe()] = self._failures.get(step.describe(), 0) + 1
-                if count <= 3:
-                    logger.error("%s failed (try %d, retried every cycle): %s", step.describe(), count, exc)
+                for step in steps:
+                    count = self._failures[step.describe()] = self._failures.get(step.describe(), 0) + 1
+                    if count <= 3:
+                        logger.error("%s failed (try %d, retried every cycle): %s", step.describe(), count, exc)
         self._enforce_az_down(observed)
         return done
 
-    def apply(self, step: Step) -> None:
+    def apply(self, step: Step, *more: Step) -> None:
+        """One step, or several attaches to one instance (see :func:`batched`)."""
         iid = step.instance_id
+        if more:
+            volumes = [s.volume for s in (step, *more) if s.volume is not None]
+            assert all(s.kind == "attach" and s.instance_id == iid for s in more), (step, more)
+            self.hosts.attach_volumes(iid, volumes)
+            self._applied_volumes.update((iid, v.volume_id) for v in volumes)
+            return
         if step.kind == "destroy":
             self.hosts.destroy_instance(iid)
             # _applied_user_data keeps the id: user data runs once per instance (cloud-init's per-instance).
@@ -449,11 +474,15 @@ class RegionDaemon:
             self.hosts.plug_nic(iid, step.nic)
             self._applied_nics.add((iid, step.nic.eni_id))
         elif step.kind == "attach" and step.volume:
-            self.hosts.attach_volume(iid, step.volume)
+            self.hosts.attach_volumes(iid, [step.volume])
             self._applied_volumes.add((iid, step.volume.volume_id))
 
-    def _sync_images(self, volumes: Iterable[VolumeSpec]) -> None:
-        """One sparse image per EBS volume, created with the volume's size; removed with the volume."""
+    def _sync_images(self, volumes: frozenset[VolumeSpec]) -> None:
+        """One sparse image per EBS volume, created with the volume's size; removed with the volume. Done again
+        only when the volumes change (or an image stayed behind on a loop device): listing them took 10 ms of
+        every reconcile."""
+        if volumes == self._imaged:
+            return
         self.paths.volumes_dir.mkdir(parents=True, exist_ok=True)
         wanted = set()
         for vol in volumes:
@@ -462,9 +491,14 @@ class RegionDaemon:
                 with open(vol.image, "wb") as fh:
                     fh.truncate(vol.size_gib * 1024**3)
         busy = {v for _, v in self._applied_volumes}
+        kept = False
         for image in self.paths.volumes_dir.glob(f"vol-*{_IMAGE_SUFFIX}"):
-            if image.name not in wanted and image.stem not in busy:
-                image.unlink(missing_ok=True)
+            if image.name not in wanted:
+                if image.stem in busy:
+                    kept = True
+                else:
+                    image.unlink(missing_ok=True)
+        self._imaged = None if kept else volumes
 
     # -- faults ----------------------------------------------------------------------------------
     def _enforce_az_down(self, observed: Observed) -> None:
@@ -525,9 +559,7 @@ class RegionDaemon:
         return f"http://127.0.0.1:{self.spec.port}"
 
     def wsgi_app(self, admin: bool) -> Callable[..., Any]:
-        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
-
-        moto_app = DomainDispatcherApplication(create_backend_app)
+        moto_app = _dispatcher()
         lock = self.strict.lock
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
@@ -538,7 +570,7 @@ class RegionDaemon:
                 # S3 is neither ticked nor observed by the reconcile loop, so the strict lock has nothing to keep
                 # consistent there (moto locks each object's bytes itself); under it, one instance fetching
                 # Kafka's 59 MB archive held up every EC2 call of its own boot for the length of the GetObject.
-                return list(moto_app(environ, start_response))
+                return _in_background(moto_app, environ, start_response)
             with lock:
                 # moto computes the whole response inside the call; the lock keeps ticks out of it.
                 return list(moto_app(environ, start_response))
@@ -673,6 +705,40 @@ __all__: Sequence[str] = (
 
 
 _CREDENTIAL_SCOPE = re.compile(r"Credential=[^/,\s]+/\d{8}/[^/,\s]+/([^/,\s]+)/aws4_request")
+
+
+def _dispatcher() -> Any:
+    """moto's WSGI dispatcher, finding each signed service's app once: moto finds it anew for every request (it
+    lists its own package directory and tries every service's URL patterns: a few ms of CPU per request, under a
+    lock every request waits on, while the instances of a boot call the API)."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+    class Dispatcher(DomainDispatcherApplication):
+        def __init__(self) -> None:
+            super().__init__(create_backend_app)
+            self.by_service: dict[str, Any] = {}
+
+        def get_application(self, environ: dict[str, Any]) -> Any:
+            service = signed_for(environ)
+            path = str(environ.get("PATH_INFO", ""))
+            if service is None or path.startswith(("/moto-api", "/latest/")):  # moto's own special paths
+                return super().get_application(environ)
+            app = self.by_service.get(service)
+            if app is None:
+                app = self.by_service[service] = super().get_application(environ)
+            return app
+
+    return Dispatcher()
+
+
+def _in_background(app: Callable[..., Any], environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+    """Serve a request, and write its answer, at a background thread priority: AWS serves S3 from machines of its
+    own, this region from the cores the instances run on, where a 59 MB archive took CPU from a starting JVM."""
+    lower_thread_priority()
+    try:
+        yield from list(app(environ, start_response))
+    finally:
+        lower_thread_priority(0)  # the server's thread may serve the next request on this connection
 
 
 def signed_for(environ: Mapping[str, Any]) -> str | None:

@@ -77,13 +77,15 @@ class FakeHosts(HostMachinery):
         if host is not None:
             host.nics.pop(eni_id, None)
 
-    def attach_volume(self, instance_id: str, volume: VolumeSpec) -> None:
-        if not volume.image.exists():
-            raise HostError(f"no image {volume.image} for {volume.volume_id}")
-        for other_id, other in self.hosts.items():
-            if other_id != instance_id and volume.volume_id in other.volumes:
-                raise HostError(f"{volume.volume_id} is still attached to {other_id}")
-        self._host(instance_id).volumes[volume.volume_id] = volume
+    def attach_volumes(self, instance_id: str, volumes: Sequence[VolumeSpec]) -> None:
+        for volume in volumes:
+            if not volume.image.exists():
+                raise HostError(f"no image {volume.image} for {volume.volume_id}")
+            for other_id, other in self.hosts.items():
+                if other_id != instance_id and volume.volume_id in other.volumes:
+                    raise HostError(f"{volume.volume_id} is still attached to {other_id}")
+        for volume in volumes:
+            self._host(instance_id).volumes[volume.volume_id] = volume
 
     def detach_volume(self, instance_id: str, volume_id: str) -> None:
         host = self.hosts.get(instance_id)

@@ -102,8 +102,11 @@ class HostMachinery(ABC):
     def unplug_nic(self, instance_id: str, eni_id: str) -> None: ...
 
     @abstractmethod
+    def attach_volumes(self, instance_id: str, volumes: Sequence[VolumeSpec]) -> None:
+        """Loop-attach each volume's image and show it in the instance at :func:`ebs_by_id_path`."""
+
     def attach_volume(self, instance_id: str, volume: VolumeSpec) -> None:
-        """Loop-attach the volume's image and show it in the instance at :func:`ebs_by_id_path`."""
+        self.attach_volumes(instance_id, [volume])
 
     @abstractmethod
     def detach_volume(self, instance_id: str, volume_id: str) -> None: ...

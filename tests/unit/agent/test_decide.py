@@ -276,10 +276,18 @@ def test_free_volumes_are_attached_in_role_order() -> None:
     )
 
 
-def test_free_volumes_are_attached_before_the_protection_a_held_one_waits_after_it() -> None:
+def test_free_volumes_are_attached_with_the_protection_a_held_one_waits_after_it() -> None:
     unprotected = Memory(claimed_slot=2)
     free = view_claimed().but(volumes=tuple(vol(r, attached_to=None) for r in VOLUME_ROLES), memory=unprotected)
-    assert isinstance(decide(free, CFG).action, AttachVolumes)  # EC2 plugs them while the protection runs
+    d = decide(free, CFG)
+    # One step, the calls side by side: EC2 plugs the volumes while the protection runs.
+    assert d.action == AttachVolumes(
+        (("vol-zk-data", "/dev/sdf"), ("vol-zk-txlog", "/dev/sdg"), ("vol-kafka-log", "/dev/sdh")), protect=True
+    )
+    assert d.sentence == (
+        "attaching slot 2 volumes: vol-zk-data (zk-data), vol-zk-txlog (zk-txlog), vol-kafka-log (kafka-log); "
+        "protecting i-0self from scale-in: it holds slot 2 (eni-0slot2)"
+    )
     held = free.but(volumes=(vol("zk-data"), vol("zk-txlog", attached_to="i-0other"), vol("kafka-log")))
     assert decide(held, CFG).action == ProtectFromScaleIn(2)  # a slot holder waits protected
     assert decide(held.but(memory=Memory(claimed_slot=2, protected=True)), CFG).sentence.startswith(
@@ -479,16 +487,17 @@ def test_install_zookeeper_then_render() -> None:
     assert d.sentence == "rendering zoo.cfg, myid and server.properties for slot 2"
 
 
-def test_kafka_is_installed_once_zookeeper_serves_not_before() -> None:
+def test_kafka_is_installed_once_zookeeper_started_before_the_quorum_wait() -> None:
     v = view_prepared()
     only_zk = v.but(memory=replace(v.memory, installed=frozenset({"zookeeper"})))
     assert decide(only_zk, CFG).action == StartServer("zookeeper", restart=False)
     zk = view_zk_serving()
+    # Installed while ZooKeeper joins the quorum: the quorum's arrival then starts Kafka in the next cycle.
     joining = zk.but(zk_mode="not serving", memory=replace(zk.memory, installed=frozenset({"zookeeper"})))
-    assert sentence(joining) == "waiting: zookeeper quorum not formed (mode: not serving)"
-    serving = zk.but(memory=replace(zk.memory, installed=frozenset({"zookeeper"})))
-    d = decide(serving, CFG)
+    d = decide(joining, CFG)
     assert (d.action, d.sentence) == (Install("kafka"), "installing kafka 3.9.2")
+    installed = joining.but(memory=replace(joining.memory, installed=frozenset({"zookeeper", "kafka"})))
+    assert sentence(installed) == "waiting: zookeeper quorum not formed (mode: not serving)"
 
 
 def test_zookeeper_starts_first() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kafka_asg.agent.fakes import FakeClock, FakeCloud, FakeHost, FakeImds, FakeServices, FakeWorld
-from kafka_asg.agent.loop import Agent, AgentSettings, Prefetch
+from kafka_asg.agent.loop import Agent, AgentSettings, Prefetch, nested
 from kafka_asg.agent.ports import InstanceIdentity, ServerName
 from kafka_asg.agent.snapshot import MARKER_NAME
 from kafka_asg.agent.status import health, read_status
@@ -136,7 +136,7 @@ def test_fresh_boot_reaches_serving(world: FakeWorld, clock: FakeClock, tmp_path
     sentences = run(node, clock, SERVING)
     assert sentences == [
         "claimed eni-0002 (slot 2, 10.0.0.21)",
-        "attaching slot 2 volumes: vol-2zkdata (zk-data), vol-2zktxlog (zk-txlog), vol-2kafkalog (kafka-log)",
+        "attaching slot 2 volumes: vol-2zkdata (zk-data), vol-2zktxlog (zk-txlog), vol-2kafkalog (kafka-log); "
         "protecting i-first from scale-in: it holds slot 2 (eni-0002)",
         "configuring ens7 (eni-0002): 10.0.0.21/28, policy routing via table 10001",
         "making a filesystem on /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol2zkdata (vol-2zkdata, zk-data): "
@@ -291,13 +291,18 @@ def test_a_registration_older_than_the_running_kafka_is_not_its_own(
 def test_waits_on_its_own_servers_reuse_ec2_reads(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
     node = boot(world, tmp_path, "i-first", clock)
     node.services.zk_mode_when_running = "not serving"  # its ZooKeeper still joining the quorum
-    run(node, clock, "starting zookeeper (server.2, 10.0.0.21:2181)")
+    run(node, clock, "installing kafka 3.9.2")  # while ZooKeeper joins
     before = world.calls.count("slot_enis")
     for _ in range(5):
         assert node.agent.run_cycle() == "waiting: zookeeper quorum not formed (mode: not serving)"
         assert node.agent.interval == AgentSettings().soon_interval
         clock.advance(0.2)
-    assert world.calls.count("slot_enis") == before + 1  # read once, reused for 0.9 s of 0.2 s waits
+    assert world.calls.count("slot_enis") == before  # the boot steps' read, reused across 1 s of 0.2 s waits
+    clock.advance(AgentSettings().reads_max_age)
+    for _ in range(3):
+        assert node.agent.run_cycle() == "waiting: zookeeper quorum not formed (mode: not serving)"
+        clock.advance(0.2)
+    assert world.calls.count("slot_enis") == before + 1  # at most a serving cycle old: read again, once
 
 
 def test_a_volume_being_plugged_is_looked_for_every_50_ms_for_a_second_then_at_the_soon_pace(
@@ -307,6 +312,7 @@ def test_a_volume_being_plugged_is_looked_for_every_50_ms_for_a_second_then_at_t
     node.host.plugging.add("vol-2zkdata")
     waiting = "waiting: volume vol-2zkdata (zk-data) is not visible under /dev/disk/by-id yet"
     run(node, clock, "configuring ens7 (eni-0002): 10.0.0.21/28, policy routing via table 10001")
+    reports = [c for c in world.calls if c.startswith("report")]
     assert node.agent.run_cycle() == waiting
     settings = AgentSettings()
     intervals = [node.agent.interval]
@@ -316,6 +322,10 @@ def test_a_volume_being_plugged_is_looked_for_every_50_ms_for_a_second_then_at_t
         clock.advance(intervals[-1])
         assert node.agent.run_cycle() == waiting
         intervals.append(node.agent.interval)
+        if clock.monotonic() < started + settings.device_fast_seconds:
+            # No CreateTags round trip between two 50 ms looks: the tags wait for a slower wait.
+            assert [c for c in world.calls if c.startswith("report")] == reports
+    assert len([c for c in world.calls if c.startswith("report")]) == len(reports) + 1
     assert intervals[0] == settings.device_interval
     assert set(intervals[: int(settings.device_fast_seconds / settings.device_interval) - 1]) == {0.05}
     assert intervals[-1] == settings.soon_interval
@@ -326,7 +336,7 @@ def test_a_volume_being_plugged_is_looked_for_every_50_ms_for_a_second_then_at_t
     assert node.agent.interval == settings.booting_interval  # the next wait starts at its own pace
 
 
-def test_its_own_boot_steps_reuse_ec2_reads_its_claim_and_attach_do_not(
+def test_its_own_boot_steps_reuse_ec2_reads_its_claim_and_attach_read_what_they_changed(
     world: FakeWorld, clock: FakeClock, tmp_path: Path
 ) -> None:
     node = boot(world, tmp_path, "i-first", clock)
@@ -337,15 +347,18 @@ def test_its_own_boot_steps_reuse_ec2_reads_its_claim_and_attach_do_not(
         sentence = node.agent.run_cycle()
         cycles.append((sentence, world.calls.count("slot_enis") - enis, world.calls.count("slot_volumes") - volumes))
     sentences = [s for s, _, _ in cycles]
-    after_claim = next(i for i, s in enumerate(sentences) if s.startswith("attaching slot 2 volumes"))
-    after_attach = sentences.index("protecting i-first from scale-in: it holds slot 2 (eni-0002)")
-    after_protect = after_attach + 1
-    assert after_attach == after_claim + 1
-    assert cycles[after_claim][1:] == (1, 1)  # the claim changed the ENIs: everything read afresh
+    claim = next(i for i, s in enumerate(sentences) if s.startswith("claimed "))
+    assert cycles[claim][1:] == (2, 0)  # looked for a free ENI, then read the attachment back
+    after_claim = claim + 1
+    assert sentences[after_claim] == (
+        "attaching slot 2 volumes: vol-2zkdata (zk-data), vol-2zktxlog (zk-txlog), vol-2kafkalog (kafka-log); "
+        "protecting i-first from scale-in: it holds slot 2 (eni-0002)"
+    )
+    assert cycles[after_claim][1:] == (0, 1)  # the claim's read-back of the ENIs is reused; the volumes are new
+    after_attach = after_claim + 1
     assert cycles[after_attach][1:] == (0, 1)  # the attach changed the volumes only
-    assert cycles[after_protect][1:] == (0, 0)  # scale-in protection changes nothing EC2 describes
     # NIC, mkfs, mount, marker, install, render, start: EC2 is not described again (the clock stood still here).
-    assert [c[1:] for c in cycles[after_protect + 1 :]] == [(0, 0)] * (len(cycles) - after_protect - 1)
+    assert [c[1:] for c in cycles[after_attach + 1 :]] == [(0, 0)] * (len(cycles) - after_attach - 1)
 
 
 def test_the_wait_for_its_broker_is_woken_by_the_registration(
@@ -430,13 +443,13 @@ def test_lost_volume_race_keeps_the_slot_and_retries(world: FakeWorld, clock: Fa
     cloud = node.agent.cloud
     assert isinstance(cloud, FakeCloud)
     cloud.race["vol-2zktxlog"] = "i-other"
-    sentences = [node.agent.run_cycle() for _ in range(4)]
+    sentences = [node.agent.run_cycle() for _ in range(3)]
     assert sentences[1] == "waiting: vol-2zktxlog was attached by i-other first; keeping the slot, retrying next cycle"
     # All three were tried at once: the two that were free are ours.
     assert [world.volumes[v].attached_to for v in ("vol-2zkdata", "vol-2kafkalog")] == ["i-first", "i-first"]
-    # The wait for the held one comes after the protection: a slot holder's wait.
-    assert sentences[2] == "protecting i-first from scale-in: it holds slot 2 (eni-0002)"
-    assert sentences[3] == (
+    # The protection went with them: the wait for the held one is a slot holder's wait.
+    assert world.protected == {"i-first": True}
+    assert sentences[2] == (
         "waiting: vol-2zktxlog (slot 2 zk-txlog) is attached to i-other (running); "
         "not starting without all three volumes"
     )
@@ -699,12 +712,12 @@ def test_prefetch_error_goes_to_the_waiting_step_then_runs_inline() -> None:
     assert calls == ["zookeeper", "kafka", "kafka"]
 
 
-def test_a_held_prefetch_step_unpacks_only_once_released_or_asked_for() -> None:
+def test_a_held_prefetch_step_runs_only_once_released_or_asked_for() -> None:
     unpacked: list[str] = []
     prefetch: Prefetch
 
     def step(name: ServerName) -> None:
-        prefetch.hold(name)  # as _download_and_unpack does between the download and the unpack
+        prefetch.hold(name)  # as _download_and_unpack does before the download
         unpacked.append(name)
 
     prefetch = Prefetch(step, ("zookeeper", "kafka"), held=("kafka",))
@@ -721,3 +734,14 @@ def test_a_held_prefetch_step_unpacks_only_once_released_or_asked_for() -> None:
     prefetch.start()
     prefetch.result("kafka")  # an Install step releases what it waits for: no deadlock
     assert unpacked == ["kafka"]
+
+
+def test_mounts_run_side_by_side_unless_one_lies_below_another() -> None:
+    seed = [
+        Path("/var/lib/zookeeper/data"),
+        Path("/var/lib/zookeeper/transaction-log"),
+        Path("/var/lib/kafka/event-log"),
+    ]
+    assert not nested(seed)
+    assert nested([Path("/data"), Path("/data/zk-txlog"), Path("/kafka")])
+    assert not nested([Path("/data"), Path("/data2")])  # a shared prefix of the name is not a parent
