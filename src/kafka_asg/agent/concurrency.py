@@ -7,8 +7,11 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
+from functools import partial
+from typing import TypeVar
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A background thread's nice value: the CFS scheduler gives it about a tenth of a core's share when the
 # servers' threads want the cores (sched(7), "The nice value"), and all the idle time otherwise.
@@ -31,6 +34,20 @@ def at_once(calls: Mapping[str, Callable[[], object]]) -> dict[str, BaseExceptio
     for thread in threads:
         thread.join()
     return failures
+
+
+def results_at_once(calls: Mapping[str, Callable[[], T]]) -> dict[str, T]:
+    """Run every call in its own thread; their results by name, or the first failure in the calls' order."""
+    results: dict[str, T] = {}
+
+    def keep(name: str, call: Callable[[], T]) -> None:
+        results[name] = call()
+
+    failures = at_once({name: partial(keep, name, call) for name, call in calls.items()})
+    for name in calls:
+        if name in failures:
+            raise failures[name]
+    return results
 
 
 def lower_thread_priority(nice: int = BACKGROUND_NICE) -> None:

@@ -19,8 +19,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
+from functools import partial
 from ipaddress import IPv4Address, IPv4Network
 
+from kafka_asg.agent.concurrency import results_at_once
 from kafka_asg.agent.ports import Imds, InstanceIdentity
 from kafka_asg.agent.reads import Recent
 from kafka_asg.errors import CloudError, NotFoundError, Unavailable
@@ -151,16 +153,28 @@ class HttpImds(Imds):
         if self._identity is None:
             mac = self._meta("mac")
             nic = f"network/interfaces/macs/{mac}/"
+            items = (
+                "instance-id",
+                "placement/region",
+                "placement/availability-zone",
+                "placement/availability-zone-id",
+                nic + "subnet-id",
+                nic + "subnet-ipv4-cidr-block",
+                nic + "vpc-id",
+                "local-ipv4",
+            )
+            # Side by side (a boot waits for them before its claim); the first failure, in this order, is raised.
+            got = results_at_once({item: partial(self._meta, item) for item in items})
             self._identity = InstanceIdentity(
-                instance_id=self._meta("instance-id"),
-                region=self._meta("placement/region"),
-                az=self._meta("placement/availability-zone"),
-                az_id=self._meta("placement/availability-zone-id"),
+                instance_id=got["instance-id"],
+                region=got["placement/region"],
+                az=got["placement/availability-zone"],
+                az_id=got["placement/availability-zone-id"],
                 mac=mac,
-                subnet_id=self._meta(nic + "subnet-id"),
-                subnet_cidr=IPv4Network(self._meta(nic + "subnet-ipv4-cidr-block")),
-                vpc_id=self._meta(nic + "vpc-id"),
-                local_ipv4=IPv4Address(self._meta("local-ipv4")),
+                subnet_id=got[nic + "subnet-id"],
+                subnet_cidr=IPv4Network(got[nic + "subnet-ipv4-cidr-block"]),
+                vpc_id=got[nic + "vpc-id"],
+                local_ipv4=IPv4Address(got["local-ipv4"]),
             )
         return self._identity
 

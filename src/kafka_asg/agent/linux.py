@@ -328,6 +328,9 @@ class LinuxHost(Host):
         filesystem = probe.get("TYPE") or (f"partition table {probe['PTTYPE']}" if "PTTYPE" in probe else None)
         return DiskState(device=device, filesystem=filesystem, label=probe.get("LABEL"), mounted_at=None)
 
+    def shows(self, volume_id: str) -> bool:
+        return self.paths.under_root(ebs_device_link(volume_id)).exists()
+
     def disks(self, volume_ids: Sequence[str]) -> dict[str, DiskState | None]:
         """:meth:`disk` of each, the volumes not probed yet probed at once: a slot's three volumes show up
         together, and one ``blkid`` after another was 20-30 ms of a boot. (One ``blkid -p`` with several

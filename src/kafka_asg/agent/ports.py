@@ -164,6 +164,10 @@ class Host(ABC):
     def disk(self, volume_id: str) -> DiskState | None:
         """The volume's block device, found under /dev/disk/by-id by volume id; None if not (yet) there."""
 
+    def shows(self, volume_id: str) -> bool:
+        """Whether the volume's device is there (a cheap look, for the pause between two cycles)."""
+        return self.disk(volume_id) is not None
+
     def disks(self, volume_ids: Sequence[str]) -> dict[str, DiskState | None]:
         """:meth:`disk` of each volume (an implementation may look at them all at once)."""
         return {volume_id: self.disk(volume_id) for volume_id in volume_ids}

@@ -336,6 +336,21 @@ def test_a_volume_being_plugged_is_looked_for_every_50_ms_for_a_second_then_at_t
     assert node.agent.interval == settings.booting_interval  # the next wait starts at its own pace
 
 
+def test_the_pause_of_a_volume_wait_ends_when_the_volumes_show_up(
+    world: FakeWorld, clock: FakeClock, tmp_path: Path
+) -> None:
+    node = boot(world, tmp_path, "i-first", clock)
+    node.host.plugging.add("vol-2zkdata")
+    run(node, clock, "configuring ens7 (eni-0002): 10.0.0.21/28, policy routing via table 10001")
+    assert node.agent.run_cycle() == "waiting: volume vol-2zkdata (zk-data) is not visible under /dev/disk/by-id yet"
+    node.agent.settings = replace(node.agent.settings, device_interval=30.0)  # a pause that would outlast the test
+    threading.Timer(0.05, node.host.plugging.clear).start()  # EC2 plugs it meanwhile
+    started = time.monotonic()
+    assert node.agent.pause() is False  # not woken: it ended because the volume showed up
+    assert time.monotonic() - started < 5.0
+    assert node.agent.run_cycle().startswith("making a filesystem on ")
+
+
 def test_its_own_boot_steps_reuse_ec2_reads_its_claim_and_attach_read_what_they_changed(
     world: FakeWorld, clock: FakeClock, tmp_path: Path
 ) -> None:
