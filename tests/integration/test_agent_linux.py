@@ -231,24 +231,37 @@ def test_a_probe_is_reused_for_a_moment_but_never_to_format(ebs_volume: tuple[Ag
     host = LinuxHost(paths, reads_max_age=0.9, clock=lambda: now[0])
     empty = host.disk(VOLUME_ID)
     assert empty is not None and empty.filesystem is None
-    run("mkfs.ext4", "-q", "-L", "someone-else", str(loop))  # behind the agent's back
+    # Behind the agent's back; ext2: an ext4 superblock is read at every look (never reused), anything else is
+    # left to blkid, whose probe is reused.
+    run("mkfs.ext2", "-q", "-L", "someone-else", str(loop))
     now[0] += 0.5
     reused = host.disk(VOLUME_ID)
     assert reused is not None and reused.filesystem is None  # the probe is reused within 0.9 s...
     other = paths.under_root(ebs_device_link("vol-0000000000000000e"))
     other.symlink_to(loop)  # another volume on the same device node (a detach, then an attach): probed afresh
     seen = host.disk("vol-0000000000000000e")
-    assert seen is not None and seen.filesystem == "ext4"
+    assert seen is not None and seen.filesystem == "ext2"
     other.unlink()
-    with pytest.raises(HostError, match=r"refusing to format .* ext4 \(label someone-else\)"):
+    with pytest.raises(HostError, match=r"refusing to format .* ext2 \(label someone-else\)"):
         host.make_filesystem(loop, "kasg-2-zk-data")  # ...but mkfs probes afresh and refuses
     now[0] += 0.1
     fresh = host.disk(VOLUME_ID)
-    assert fresh is not None and (fresh.filesystem, fresh.label) == ("ext4", "someone-else")  # forgotten by mkfs
+    assert fresh is not None and (fresh.filesystem, fresh.label) == ("ext2", "someone-else")  # forgotten by mkfs
     now[0] += 1.0
     host.mount(loop, Path("/var/lib/zookeeper/data"))
     mounted = host.disk(VOLUME_ID)
     assert mounted is not None and mounted.mounted_at == Path("/var/lib/zookeeper/data")
+
+
+def test_an_ext4_filesystem_is_seen_at_once_without_blkid(ebs_volume: tuple[AgentPaths, Path]) -> None:
+    paths, loop = ebs_volume
+    now = [100.0]
+    host = LinuxHost(paths, reads_max_age=5.0, clock=lambda: now[0])
+    empty = host.disk(VOLUME_ID)
+    assert empty is not None and empty.filesystem is None
+    run("mkfs.ext4", "-q", "-L", "someone-else", str(loop))  # behind the agent's back
+    seen = host.disk(VOLUME_ID)  # the superblock is read at every look, whatever blkid said a moment ago
+    assert seen is not None and (seen.filesystem, seen.label) == ("ext4", "someone-else")
 
 
 def test_mount_refuses_a_second_place(ebs_volume: tuple[AgentPaths, Path]) -> None:

@@ -53,6 +53,10 @@ EXT_MAGIC = 0xEF53
 INCOMPAT_EXTENTS = 0x40  # an ext2/ext3 superblock has the magic too, not extents
 
 
+class _NeedsProbe(Exception):
+    """A device only ``blkid`` can tell about (LinuxHost.disks probes those side by side)."""
+
+
 def ext4_superblock(device: Path) -> dict[str, str]:
     """``{"TYPE": "ext4", "LABEL": ...}`` when ``device`` starts with an ext4 superblock, else ``{}`` (then ``blkid``
     decides). A read of 2 KB instead of a ``blkid`` process per slot volume at every boot (three were 20-30 ms of
@@ -312,6 +316,11 @@ class LinuxHost(Host):
             return real
 
     def disk(self, volume_id: str) -> DiskState | None:
+        return self._disk(volume_id, blkid=True)
+
+    def _disk(self, volume_id: str, *, blkid: bool) -> DiskState | None:
+        """:meth:`disk`; without ``blkid``, a device that only a ``blkid`` process could tell about raises
+        _NeedsProbe."""
         link = self.paths.under_root(ebs_device_link(volume_id))
         if not link.exists():
             return None
@@ -323,7 +332,10 @@ class LinuxHost(Host):
             # Mounted: the kernel says which file system it is; no blkid process every cycle (label unknown,
             # nothing decides on it). make_filesystem probes again anyway before it would write.
             return DiskState(device=device, filesystem=mount[1], label=None, mounted_at=mount[0])
-        probe = ext4_superblock(device) or self._recent_blkid(volume_id, device)
+        found = ext4_superblock(device)
+        if not found and not blkid and not self._probes.has((volume_id, device, device.stat().st_rdev)):
+            raise _NeedsProbe(volume_id)
+        probe = found or self._recent_blkid(volume_id, device)
         # A partition table counts as "not empty": never format over someone's partitions.
         filesystem = probe.get("TYPE") or (f"partition table {probe['PTTYPE']}" if "PTTYPE" in probe else None)
         return DiskState(device=device, filesystem=filesystem, label=probe.get("LABEL"), mounted_at=None)
@@ -335,10 +347,18 @@ class LinuxHost(Host):
         """:meth:`disk` of each, the volumes not probed yet probed at once: a slot's three volumes show up
         together, and one ``blkid`` after another was 20-30 ms of a boot. (One ``blkid -p`` with several
         devices will not do: it stops at the first device on which it finds nothing.)"""
-        if len(volume_ids) > 1 and self._probes.max_age > 0:
+        out: dict[str, DiskState | None] = {}
+        unprobed = []
+        for volume_id in volume_ids:
+            try:
+                out[volume_id] = self._disk(volume_id, blkid=False)
+            except _NeedsProbe:
+                unprobed.append(volume_id)
+        if len(unprobed) > 1 and self._probes.max_age > 0:
             # Fills the probe cache; an error comes again below, in order.
-            at_once({volume_id: partial(self.disk, volume_id) for volume_id in volume_ids})
-        return {volume_id: self.disk(volume_id) for volume_id in volume_ids}
+            at_once({volume_id: partial(self.disk, volume_id) for volume_id in unprobed})
+        out.update({volume_id: self.disk(volume_id) for volume_id in unprobed})
+        return {volume_id: out[volume_id] for volume_id in volume_ids}
 
     def make_filesystem(self, device: Path, label: str) -> None:
         self._forget_probe(device)

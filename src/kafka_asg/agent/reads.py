@@ -58,6 +58,11 @@ class Recent:
                 self._kept[key] = (now, value)
         return value
 
+    def has(self, key: Hashable) -> bool:
+        """Whether a read younger than ``max_age`` is kept under ``key``."""
+        hit = self._kept.get(key)
+        return hit is not None and self.clock() - hit[0] < self.max_age
+
     def forget(self, stale: Callable[[Hashable], bool] = _always) -> None:
         """Drop the reads whose key is ``stale`` (all by default)."""
         with self._lock:
