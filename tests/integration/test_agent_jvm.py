@@ -45,7 +45,7 @@ class RealFilesHost(FakeHost):
         except FileNotFoundError:
             return None
 
-    def write_file(self, path: Path, data: str | bytes, mode: int = 0o644) -> None:
+    def write_file(self, path: Path, data: str | bytes, mode: int = 0o644, *, durable: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data.encode() if isinstance(data, str) else data)
         path.chmod(mode)

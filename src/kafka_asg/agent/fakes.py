@@ -376,7 +376,7 @@ class FakeHost(Host):
         data = vol.files.get(rel) if vol is not None else self.files.get(rel)
         return data.decode() if data is not None else None
 
-    def write_file(self, path: Path, data: str | bytes, mode: int = 0o644) -> None:
+    def write_file(self, path: Path, data: str | bytes, mode: int = 0o644, *, durable: bool = True) -> None:
         raw = data.encode() if isinstance(data, str) else data
         vol, rel = self._locate(path)
         if vol is not None:

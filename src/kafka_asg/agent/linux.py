@@ -424,8 +424,8 @@ class LinuxHost(Host):
             raise HostError(f"cannot remove {target}: {exc}") from exc
         logger.info("removed empty directory %s", target)
 
-    def write_file(self, path: Path, data: str | bytes, mode: int = 0o644) -> None:
+    def write_file(self, path: Path, data: str | bytes, mode: int = 0o644, *, durable: bool = True) -> None:
         try:
-            atomic_write(self._real(path), data, mode)
+            atomic_write(self._real(path), data, mode, durable=durable)
         except OSError as exc:
             raise HostError(f"cannot write {self._real(path)}: {exc}") from exc

@@ -74,8 +74,8 @@ def fetch_inputs(cloud: Cloud, bucket: str, cluster: str, paths: AgentPaths) -> 
             raise ConfigError(
                 [f"s3://{bucket}/{key} does not match its sha256 in manifest.json: re-run `kafka-asg up`"]
             )
-        atomic_write(base / key, data)
-    atomic_write(base / "manifest.json", manifest_raw)
+        atomic_write(base / key, data, durable=False)  # fetched again at every start: no fsync
+    atomic_write(base / "manifest.json", manifest_raw, durable=False)
     doc = json.loads((base / "cluster.json").read_text())
     if doc.get("name") != cluster:
         raise ConfigError(

@@ -185,8 +185,9 @@ class Host(ABC):
         """None if the file does not exist."""
 
     @abstractmethod
-    def write_file(self, path: Path, data: str | bytes, mode: int = 0o644) -> None:
-        """Atomic write."""
+    def write_file(self, path: Path, data: str | bytes, mode: int = 0o644, *, durable: bool = True) -> None:
+        """Atomic write; ``durable=False``: no fsync (for what the agent writes again before anything reads it
+        after a power loss)."""
 
     @abstractmethod
     def remove_empty_dir(self, path: Path) -> None:

@@ -71,7 +71,7 @@ ZK_PROBE_TIMEOUT = 3.0
 # While the own ZooKeeper starts and joins the quorum (about a second), a thread asks it ``srvr`` this often and
 # wakes the loop when it serves: the loop's own pace would add up to a cycle to every boot. A longer outage
 # (no quorum) is watched once a second.
-QUORUM_WATCH_INTERVAL = 0.05
+QUORUM_WATCH_INTERVAL = 0.02
 QUORUM_WATCH_FAST_SECONDS = 10.0
 QUORUM_WATCH_SECONDS = 120.0
 
@@ -216,7 +216,8 @@ class ProcessServices(Services):
         except OSError as exc:
             raise ServiceError(f"cannot start {name} ({script}): {exc}") from exc
         self._running[name] = _Running(popen.pid, self.clock(), popen, wall_started_at)
-        atomic_write(self._pid_file(name), f"{popen.pid}\n")
+        # No fsync: the pid file lets a restarted agent adopt a running server; after a power loss nothing runs.
+        atomic_write(self._pid_file(name), f"{popen.pid}\n", durable=False)
         logger.info("started %s (pid %d) with %s", name, popen.pid, config)
         if name == "zookeeper" and "kazoo.client" not in sys.modules:
             # The registration probe's client (kazoo: 50 ms of imports) loads while ZooKeeper starts, which takes
