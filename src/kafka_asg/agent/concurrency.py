@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import os
 import threading
@@ -48,6 +50,21 @@ def results_at_once(calls: Mapping[str, Callable[[], T]]) -> dict[str, T]:
         if name in failures:
             raise failures[name]
     return results
+
+
+def preload(*modules: str, name: str, background: bool = False) -> None:
+    """Import ``modules`` in a daemon thread named ``name`` (at a background priority if ``background``), so they
+    load while the caller waits for something else. An import error is left for where the module is imported
+    again, and says there what is missing."""
+
+    def load() -> None:
+        if background:
+            lower_thread_priority()
+        for module in modules:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module)
+
+    threading.Thread(target=load, name=name, daemon=True).start()
 
 
 def lower_thread_priority(nice: int = BACKGROUND_NICE) -> None:

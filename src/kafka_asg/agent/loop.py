@@ -151,10 +151,11 @@ class Prefetch:
 
     The install (download, sha256, unpack) needs no slot, so the daemon starts it right after the first
     cycle: it then overlaps the claim, the wait for a dying holder, the attaches and the mounts instead of
-    following them; and ZooKeeper, installed first, starts while Kafka's archive is fetched and unpacked. Decisions stay
+    following them; and ZooKeeper, installed first, starts while Kafka's archive is unpacked. Decisions stay
     in the loop: the Install step calls :meth:`result`. After an error (or without a start, as in the unit
-    tests' ``run_cycle``) :meth:`result` runs the step inline. A ``held`` name's step waits in :meth:`hold`
-    (before its download) until :meth:`release`, or until the loop asks for its result.
+    tests' ``run_cycle``) :meth:`result` runs the step inline. A ``held`` name's step runs at a background thread
+    priority (:meth:`background`) and waits in :meth:`hold` (before its unpack) until :meth:`release`, or until the
+    loop asks for its result.
     """
 
     def __init__(
@@ -190,13 +191,14 @@ class Prefetch:
                 self._changed.notify_all()
 
     def hold(self, name: ServerName) -> None:
-        """Called by the step before its heavy part (download, hash, unpack): a held name waits for :meth:`release`,
-        then goes on at a lower CPU priority (this thread only): it runs while ZooKeeper's JVM starts, which is
-        what the boot waits for, and Kafka is needed only once ZooKeeper serves."""
+        """Called by the step before its unpack: a held name waits for :meth:`release`."""
         if name in self._held:
             self._released.wait()
 
     def background(self, name: ServerName) -> None:
+        """Called by the step before its download: a held name's work (download, hash, unpack) goes on at a lower
+        CPU priority (this thread only). It overlaps the boot steps and ZooKeeper's start, which the boot waits
+        for; Kafka is needed only once ZooKeeper serves."""
         if name in self._held and threading.current_thread() is self._thread:
             lower_thread_priority()
 
@@ -301,11 +303,11 @@ class Agent:
         self._wake = threading.Event()
         services.on_change(self._wake.set)
         self._last_bug: str | None = None
-        # Kafka's archive (59 MB) is downloaded, hashed and unpacked in Python: during the boot steps before
-        # ZooKeeper starts it took cores and the GIL from them (and, in the rehearsal, the local S3 serving it took
-        # the rest); it waits for the loop's first wait on something other than a device it has just attached
-        # (ZooKeeper's start: it needs most of a second to serve, and Kafka is not needed before that; or a device
-        # that takes more than a second to show up, as EBS on AWS may).
+        # Kafka's archive (59 MB) is downloaded, hashed and unpacked in Python, at a background thread priority: the
+        # download overlaps the boot steps; the unpack took the GIL from them, so it waits for the loop's first wait
+        # on something other than a device it has just attached (ZooKeeper's start: it needs most of a second to
+        # serve, and Kafka is not needed before that; or a device that takes more than a second to show up, as EBS
+        # on AWS may).
         self.prefetch = Prefetch(self._download_and_unpack, SERVER_NAMES, held=("kafka",))
         self.reads = RecentReads(cloud, self.clock.monotonic, self.settings.reads_max_age)
 

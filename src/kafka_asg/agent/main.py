@@ -9,19 +9,16 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import importlib
 import json
 import logging
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-from kafka_asg.agent.concurrency import results_at_once
+from kafka_asg.agent.concurrency import preload, results_at_once
 from kafka_asg.agent.ports import Cloud
 from kafka_asg.agent.status import DEFAULT_MAX_AGE, health, read_status
 from kafka_asg.errors import ConfigError, KafkaAsgError, NotFoundError
@@ -84,21 +81,12 @@ def fetch_inputs(cloud: Cloud, bucket: str, cluster: str, paths: AgentPaths) -> 
     return base
 
 
-def _preload(*modules: str) -> None:
-    for module in modules:
-        with contextlib.suppress(ImportError):  # imported again where needed, and the error shows there
-            importlib.import_module(module)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     # Imported here so ``health`` and ``status`` stay quick: they import only what reads the status file. The
     # loop's modules (30 ms of imports) load in a thread while this one waits for IMDS and S3.
-    threading.Thread(
-        target=_preload,
-        args=("kafka_asg.agent.loop", "kafka_asg.agent.linux", "kafka_asg.agent.servers", "kafka_asg.config"),
-        name="import",
-        daemon=True,
-    ).start()
+    preload(
+        "kafka_asg.agent.loop", "kafka_asg.agent.linux", "kafka_asg.agent.servers", "kafka_asg.config", name="import"
+    )
     from kafka_asg.agent.aws import AwsCloud, CredentialChain
     from kafka_asg.agent.imds import HttpImds
     from kafka_asg.agent.loop import AgentSettings

@@ -8,7 +8,6 @@ restarted on a live instance adopts the running servers instead of starting seco
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import IO, Any
 
-from kafka_asg.agent.concurrency import lower_thread_priority
+from kafka_asg.agent.concurrency import preload
 from kafka_asg.agent.ports import SERVING_ZK_MODES, ServerName, ServerState, Services, ZkMode
 from kafka_asg.errors import ServiceError, Unavailable
 from kafka_asg.fsutil import atomic_write, safe_extract
@@ -222,7 +221,7 @@ class ProcessServices(Services):
         if name == "zookeeper" and "kazoo.client" not in sys.modules:
             # The registration probe's client (kazoo: 50 ms of imports) loads while ZooKeeper starts, which takes
             # most of a second; loaded at the probe, it came between ZooKeeper serving and Kafka starting.
-            threading.Thread(target=_preload, args=("kazoo.client",), name="import-kazoo", daemon=True).start()
+            preload("kazoo.client", name="import-kazoo", background=True)  # ZooKeeper's JVM comes first
 
     def _adopt(self, name: ServerName) -> _Running | None:
         """A server left running by a previous agent, recognised by its pid file and main class."""
@@ -459,12 +458,6 @@ def process_start_time(pid: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def _preload(module: str) -> None:
-    lower_thread_priority()  # ZooKeeper's JVM is starting: it comes first
-    with contextlib.suppress(ImportError):  # the probe that needs it imports it again, and says what is missing
-        importlib.import_module(module)
 
 
 def _mark(fh: IO[bytes], text: str) -> None:

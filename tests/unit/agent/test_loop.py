@@ -733,7 +733,7 @@ def test_a_held_prefetch_step_runs_only_once_released_or_asked_for() -> None:
     prefetch: Prefetch
 
     def step(name: ServerName) -> None:
-        prefetch.hold(name)  # as _download_and_unpack does before the download
+        prefetch.hold(name)  # as _download_and_unpack does between the download and the unpack
         unpacked.append(name)
 
     prefetch = Prefetch(step, ("zookeeper", "kafka"), held=("kafka",))
