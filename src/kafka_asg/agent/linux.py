@@ -20,7 +20,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from kafka_asg.agent.concurrency import at_once
+from kafka_asg.agent.concurrency import results_at_once
 from kafka_asg.agent.ports import DiskState, Host, NicState
 from kafka_asg.agent.reads import Recent
 from kafka_asg.errors import HostError
@@ -354,10 +354,10 @@ class LinuxHost(Host):
                 out[volume_id] = self._disk(volume_id, blkid=False)
             except _NeedsProbe:
                 unprobed.append(volume_id)
-        if len(unprobed) > 1 and self._probes.max_age > 0:
-            # Fills the probe cache; an error comes again below, in order.
-            at_once({volume_id: partial(self.disk, volume_id) for volume_id in unprobed})
-        out.update({volume_id: self.disk(volume_id) for volume_id in unprobed})
+        if len(unprobed) > 1:
+            out.update(results_at_once({volume_id: partial(self.disk, volume_id) for volume_id in unprobed}))
+        else:
+            out.update({volume_id: self.disk(volume_id) for volume_id in unprobed})
         return {volume_id: out[volume_id] for volume_id in volume_ids}
 
     def make_filesystem(self, device: Path, label: str) -> None:

@@ -445,12 +445,7 @@ class RegionDaemon:
     def apply(self, step: Step, *more: Step) -> None:
         """One step, or several attaches to one instance (see :func:`batched`)."""
         iid = step.instance_id
-        if more:
-            volumes = [s.volume for s in (step, *more) if s.volume is not None]
-            assert all(s.kind == "attach" and s.instance_id == iid for s in more), (step, more)
-            self.hosts.attach_volumes(iid, volumes)
-            self._applied_volumes.update((iid, v.volume_id) for v in volumes)
-            return
+        assert all(s.kind == "attach" == step.kind and s.instance_id == iid for s in more), (step, more)
         if step.kind == "destroy":
             self.hosts.destroy_instance(iid)
             # _applied_user_data keeps the id: user data runs once per instance (cloud-init's per-instance).
@@ -473,9 +468,10 @@ class RegionDaemon:
         elif step.kind == "plug" and step.nic:
             self.hosts.plug_nic(iid, step.nic)
             self._applied_nics.add((iid, step.nic.eni_id))
-        elif step.kind == "attach" and step.volume:
-            self.hosts.attach_volumes(iid, [step.volume])
-            self._applied_volumes.add((iid, step.volume.volume_id))
+        elif step.kind == "attach":
+            volumes = [s.volume for s in (step, *more) if s.volume is not None]
+            self.hosts.attach_volumes(iid, volumes)
+            self._applied_volumes.update((iid, v.volume_id) for v in volumes)
 
     def _sync_images(self, volumes: frozenset[VolumeSpec]) -> None:
         """One sparse image per EBS volume, created with the volume's size; removed with the volume. Done again

@@ -907,9 +907,6 @@ def _rdev(device: str) -> tuple[int, int]:
     return (os.major(rdev), os.minor(rdev))
 
 
-# Runs inside the instance's fresh namespaces ($1 root, $2 upper, $3 work, $4 host name, $5 IP, $6 pins
-# dir). The overlay's lower layer is this machine's root (the AMI); /dev is a small tmpfs with the nodes a server needs
-# (devices(7) numbers), as a container runtime would set up.
 # Arguments: (by-id path, major, minor) per volume, every by-id path in one directory. Each volume gets the next
 # free /dev/nvmeXn1 and its by-id link.
 _SHOW_VOLUMES = r"""
@@ -924,6 +921,9 @@ while [ $# -ge 3 ]; do
 done
 """
 
+# Runs inside the instance's fresh namespaces ($1 root, $2 upper, $3 work, $4 host name, $5 IP, $6 pins
+# dir). The overlay's lower layer is this machine's root (the AMI); /dev is a small tmpfs with the nodes a server needs
+# (devices(7) numbers), as a container runtime would set up.
 _ROOT_SETUP = r"""
 set -eu
 r=$1
