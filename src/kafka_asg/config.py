@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -628,6 +627,8 @@ def _parse(raw: Mapping[str, Any], base_dir: Path, p: _Problems) -> ClusterConfi
 
 
 def _check_file(path: Path) -> tuple[ClusterConfig | None, _Problems]:
+    import tomllib  # here: the node agent reads cluster.json, never TOML, and imports this module at every start
+
     p = _Problems()
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))

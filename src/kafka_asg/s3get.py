@@ -1,13 +1,20 @@
-"""Fetch one S3 object with nothing but the Python standard library (embedded in the user data).
+"""The user data's fetcher, and the plain HTTP and SigV4 signing the node agent shares with it (stdlib only).
 
-The AMI has python3 but not necessarily boto3 or the AWS CLI, so the user data uses this to download the
-node agent zipapp. Credentials come from the instance role through IMDSv2, as the SDKs do; requests are
-signed with Signature Version 4
-(https://docs.aws.amazon.com/AmazonS3/latest/API/sig-v4-header-based-auth.html). Path-style URLs, because
-bucket names with dots (the seed's ``com.example.event-servers``) break virtual-host TLS names.
-``AWS_ENDPOINT_URL`` (the SDKs' standard setting) points it at any S3-compatible endpoint.
+The AMI has python3 but not necessarily boto3 or the AWS CLI. The user data's service runs this file: it downloads
+the node agent zipapp from S3 with the instance role, then runs it in this same interpreter (one Python start and
+one set of imports per agent start, not two). Credentials come from the instance role through IMDSv2, as the SDKs
+do; requests are signed with Signature Version 4
+(https://docs.aws.amazon.com/AmazonS3/latest/API/sig-v4-header-based-auth.html). Path-style URLs, because bucket
+names with dots (the seed's ``com.example.event-servers``) break virtual-host TLS names. ``AWS_ENDPOINT_URL`` (the
+SDKs' standard setting) points it at any S3-compatible endpoint.
 
-Usage: ``python3 s3get.py BUCKET KEY DEST REGION``. This file must stay stdlib-only and self-contained.
+HTTP/1.1 is spoken over a socket (:class:`Connection`), not through ``urllib.request`` or ``http.client``: they
+import the ``email`` package, 20-30 ms of every agent start before its first request. What the AWS APIs and IMDS
+need of HTTP is small: keep-alive, sized or chunked bodies, TLS (https://www.rfc-editor.org/rfc/rfc9112).
+
+Usage: ``python3 -I -S s3get.py BUCKET KEY DEST REGION [ARGS...]``: download s3://BUCKET/KEY to DEST; given ARGS,
+run DEST (a zipapp) with them, or the DEST of an earlier start when S3 cannot be reached now. The user data embeds
+this file without its docstrings and comments (:func:`kafka_asg.userdata.embedded`); it must stay self-contained.
 """
 
 from __future__ import annotations
@@ -15,33 +22,162 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
+import io
 import json
 import os
+import socket
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
+from collections.abc import Mapping
 
 IMDS = os.environ.get("KAFKA_ASG_IMDS_URL", "http://169.254.169.254")
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+MAX_LINE = 65536
+CHUNK = 1 << 20
 
 
-def _imds(path: str, token: str) -> str:
-    req = urllib.request.Request(IMDS + path, headers={"X-aws-ec2-metadata-token": token})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        return str(resp.read().decode())
+class HttpError(ConnectionError):
+    """The answer is not HTTP or broke off: the connection is no longer usable."""
+
+
+class Response:
+    """An answer: ``status``, ``headers`` (lower-case names), and its body through :meth:`read`."""
+
+    def __init__(self, stream: io.BufferedReader, status: int, headers: dict[str, str], has_body: bool) -> None:
+        self.status, self.headers, self._stream = status, headers, stream
+        self.chunked = has_body and "chunked" in headers.get("transfer-encoding", "").lower()
+        sized = has_body and not self.chunked and "content-length" in headers
+        # Bytes of the body still to come: known for a sized body (0 without one), None for chunked or to-the-close.
+        self.length: int | None = int(headers["content-length"]) if sized else (None if has_body else 0)
+        self.will_close = headers.get("connection", "").lower() == "close" or (self.length is None and not self.chunked)
+        self._chunk_left: int | None = None  # chunked: bytes left in the current chunk; None: read a size line
+
+    def read(self, amt: int | None = None) -> bytes:
+        """Up to ``amt`` bytes of the body (all of it with None); b"" at its end. HttpError if it broke off."""
+        if self.chunked:
+            return self._read_chunked(amt)
+        if self.length is None:  # delimited by the close
+            return self._stream.read(amt if amt is not None else -1)
+        want = self.length if amt is None else min(amt, self.length)
+        data = self._stream.read(want)
+        self.length -= len(data)
+        if len(data) < want:
+            raise HttpError(f"the answer broke off {self.length} bytes short")
+        return data
+
+    def _read_chunked(self, amt: int | None) -> bytes:
+        out: list[bytes] = []
+        while amt is None or amt > 0:
+            if self._chunk_left is None:
+                line = self._stream.readline(MAX_LINE)
+                try:
+                    self._chunk_left = int(line.split(b";", 1)[0], 16)
+                except ValueError:
+                    raise HttpError(f"bad chunk size line {line[:40]!r}") from None
+                if self._chunk_left == 0:  # the last chunk: skip any trailer fields up to the empty line
+                    while self._stream.readline(MAX_LINE).strip():
+                        pass
+                    self.chunked, self.length = False, 0
+                    break
+            take = self._chunk_left if amt is None else min(amt, self._chunk_left)
+            data = self._stream.read(take)
+            if len(data) < take:
+                raise HttpError("the chunked answer broke off")
+            out.append(data)
+            self._chunk_left -= take
+            amt = None if amt is None else amt - take
+            if self._chunk_left == 0:
+                self._stream.readline(MAX_LINE)  # the CRLF after the chunk's data
+                self._chunk_left = None
+        return b"".join(out)
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection to ``scheme://netloc``, opened at the first request (again after
+    :meth:`close`). ``sock`` is None while closed. Socket errors and timeouts are OSError, as is HttpError."""
+
+    def __init__(self, scheme: str, netloc: str, timeout: float) -> None:
+        split = urllib.parse.urlsplit("//" + netloc)
+        self.scheme, self.netloc, self.timeout = scheme, netloc, timeout
+        self.host, self.port = split.hostname or "", split.port or (443 if scheme == "https" else 80)
+        self.sock: socket.socket | None = None
+        self._stream: io.BufferedReader | None = None
+
+    def request(self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None) -> Response:
+        """Send one request; the answer's status and headers (read its body before the next request)."""
+        if self.sock is None or self._stream is None:
+            sock = socket.create_connection((self.host, self.port), self.timeout)
+            if self.scheme == "https":
+                import ssl  # only for TLS: 15 ms of imports the rehearsal's plain HTTP never needs
+
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+            self.sock, self._stream = sock, sock.makefile("rb")
+        headers = dict(headers or {})
+        lines = [f"{method} {path} HTTP/1.1"]
+        if not any(name.lower() == "host" for name in headers):
+            lines.append(f"host: {self.netloc}")
+        lines.extend(f"{name}: {value}" for name, value in headers.items())
+        if body or method in ("POST", "PUT"):
+            lines.append(f"content-length: {len(body)}")
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        return self._response(self._stream, method)
+
+    @staticmethod
+    def _response(stream: io.BufferedReader, method: str) -> Response:
+        line = stream.readline(MAX_LINE)
+        if not line:  # a keep-alive connection the server had closed (http.client: RemoteDisconnected)
+            raise ConnectionResetError("the server closed the connection before answering")
+        parts = line.decode("latin-1").split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            raise HttpError(f"not an HTTP answer: {line[:60]!r}")
+        headers: dict[str, str] = {}
+        while (field := stream.readline(MAX_LINE)).strip():
+            name, _, value = field.decode("latin-1").partition(":")
+            name, value = name.strip().lower(), value.strip()
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        if not field:
+            raise HttpError("the answer's header broke off")
+        status = int(parts[1])
+        if 100 <= status < 200:  # an interim answer; the final one follows
+            return Connection._response(stream, method)
+        return Response(stream, status, headers, has_body=method != "HEAD" and status not in (204, 304))
+
+    def close(self) -> None:
+        sock, stream, self.sock, self._stream = self.sock, self._stream, None, None
+        if stream is not None:
+            stream.close()
+        if sock is not None:
+            sock.close()
+
+
+def exchange(
+    method: str, url: str, headers: Mapping[str, str] | None = None, timeout: float = 5.0
+) -> tuple[int, bytes]:
+    """One request on a connection of its own: the status and the whole body."""
+    parts = urllib.parse.urlsplit(url)
+    conn = Connection(parts.scheme, parts.netloc, timeout)
+    try:
+        response = conn.request(method, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), b"", headers)
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _imds(method: str, path: str, headers: Mapping[str, str]) -> str:
+    status, data = exchange(method, IMDS + path, headers)
+    if status != 200:
+        raise OSError(f"IMDS answered {status} to {method} {path}")
+    return data.decode()
 
 
 def instance_credentials() -> dict[str, str]:
     """The instance role's temporary credentials (IMDSv2: token PUT first, then GETs with the token)."""
-    put = urllib.request.Request(
-        IMDS + "/latest/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"}
-    )
-    with urllib.request.urlopen(put, timeout=5) as resp:
-        token = resp.read().decode()
-    role = _imds("/latest/meta-data/iam/security-credentials/", token).split()[0]
-    creds: dict[str, str] = json.loads(_imds("/latest/meta-data/iam/security-credentials/" + role, token))
+    token = {
+        "X-aws-ec2-metadata-token": _imds("PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "300"})
+    }
+    role = _imds("GET", "/latest/meta-data/iam/security-credentials/", token).split()[0]
+    creds: dict[str, str] = json.loads(_imds("GET", "/latest/meta-data/iam/security-credentials/" + role, token))
     return creds
 
 
@@ -54,11 +190,11 @@ def sigv4_headers(
     url: str,
     region: str,
     service: str,
-    creds: dict[str, str],
+    creds: Mapping[str, str],
     *,
     now: datetime.datetime,
     body: bytes = b"",
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """``headers`` plus host, x-amz-date, token and SigV4 authorization, all signed; no query string, the path as
     given (URI-encoded once, as S3 wants). The node agent signs its AWS calls with this too."""
@@ -86,10 +222,6 @@ def sigv4_headers(
     return signed
 
 
-def signed_get(url: str, region: str, creds: dict[str, str], now: datetime.datetime) -> urllib.request.Request:
-    return urllib.request.Request(url, headers=sigv4_headers("GET", url, region, "s3", creds, now=now))
-
-
 def object_url(bucket: str, key: str, region: str, endpoint: str | None = None) -> str:
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     base = endpoint.rstrip("/") if endpoint else f"https://s3.{region}.amazonaws.com"
@@ -97,31 +229,61 @@ def object_url(bucket: str, key: str, region: str, endpoint: str | None = None) 
 
 
 def fetch(bucket: str, key: str, dest: str, region: str, attempts: int = 10) -> None:
-    """Download to ``dest`` atomically; retry transient failures (the instance may boot before IAM propagates)."""
+    """Download to ``dest`` atomically; retry transient failures (the instance may boot before IAM propagates).
+    SystemExit when S3 says the object is missing or forbidden, or after ``attempts``."""
+    url = object_url(bucket, key, region)
+    parts = urllib.parse.urlsplit(url)
     last: Exception | None = None
     for attempt in range(attempts):
+        conn = Connection(parts.scheme, parts.netloc, 60.0)
         try:
-            request = signed_get(
-                object_url(bucket, key, region), region, instance_credentials(), datetime.datetime.now(datetime.UTC)
+            now = datetime.datetime.now(datetime.UTC)
+            response = conn.request(
+                "GET", parts.path, b"", sigv4_headers("GET", url, region, "s3", instance_credentials(), now=now)
             )
+            if response.status in (403, 404):
+                raise SystemExit(
+                    f"s3get: s3://{bucket}/{key}: HTTP {response.status} (missing object or no permission)"
+                )
+            if response.status != 200:
+                raise OSError(f"HTTP {response.status}")
             tmp = dest + ".part"
-            with urllib.request.urlopen(request, timeout=60) as resp, open(tmp, "wb") as out:
-                while chunk := resp.read(1 << 20):
+            with open(tmp, "wb") as out:
+                while chunk := response.read(CHUNK):
                     out.write(chunk)
             os.replace(tmp, dest)
             return
-        except urllib.error.HTTPError as exc:
-            if exc.code in (403, 404):
-                reason = f"HTTP {exc.code} (missing object or no permission)"
-                raise SystemExit(f"s3get: s3://{bucket}/{key}: {reason}") from None
+        except (OSError, ValueError) as exc:  # ValueError: IMDS's credentials were not JSON
             last = exc
-        except (urllib.error.URLError, OSError) as exc:
-            last = exc
-        time.sleep(min(2**attempt, 10))
+        finally:
+            conn.close()
+        if attempt + 1 < attempts:
+            time.sleep(min(2**attempt, 10))
     raise SystemExit(f"s3get: s3://{bucket}/{key}: gave up after {attempts} attempts: {last}")
 
 
+def run_zipapp(path: str, args: list[str]) -> None:
+    """Run the zipapp at ``path`` in this interpreter, as ``python3 path ARGS`` would (its SystemExit ends us)."""
+    import runpy
+
+    sys.argv = [path, *args]
+    runpy.run_path(path, run_name="__main__")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 4:
+        raise SystemExit("usage: s3get.py BUCKET KEY DEST REGION [ARGS...]")
+    bucket, key, dest, region, args = argv[0], argv[1], argv[2], argv[3], argv[4:]
+    try:
+        fetch(bucket, key, dest, region, attempts=10 if not (args and os.path.exists(dest)) else 2)
+    except SystemExit as exc:
+        if not (args and os.path.exists(dest)):
+            raise
+        # A restart while S3 is out of reach: the agent fetched at an earlier start runs (it waits for S3 itself).
+        print(f"{exc}; running the agent fetched earlier ({dest})", file=sys.stderr)
+    if args:
+        run_zipapp(dest, args)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 5:
-        raise SystemExit("usage: s3get.py BUCKET KEY DEST REGION")
-    fetch(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4])
+    main(sys.argv[1:])

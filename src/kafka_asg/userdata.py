@@ -1,15 +1,22 @@
-"""The launch template's user data: a short shell script that fetches the node agent and runs it.
+"""The launch template's user data: a short shell script that installs the node agent's service.
 
-AMI assumptions (documented in the README): a Linux with ``/bin/sh``, ``ip`` (iproute2), ``mkfs.ext4``, ``blkid``,
-``mount``, ``tar``; python3 >= 3.11 and Java 17 are installed here when missing (``dnf`` on Amazon Linux 2023,
-``apt-get`` on Debian/Ubuntu). A versioned name (python3.13, 3.12, 3.11) is taken at its word; a plain python3 is
-asked its version (an interpreter start, 15 ms of every boot, spared where the name says it). Everything else
+AMI assumptions (documented in the README): a Linux with ``/bin/sh``, ``base64``, ``gzip``, ``ip`` (iproute2),
+``mkfs.ext4`` and ``blkid``; python3 >= 3.11 and Java 17 are installed here when missing (``dnf`` on Amazon Linux
+2023, ``apt-get`` on Debian/Ubuntu). A versioned name (python3.13, 3.12, 3.11) is taken at its word; a plain python3
+is asked its version (an interpreter start, 15 ms of every boot, spared where the name says it). Everything else
 (kazoo) travels inside the agent zipapp. The same script runs on AWS and in the rehearsal, where only
 ``AWS_ENDPOINT_URL`` differs.
+
+The service runs the fetcher (``kafka_asg/s3get.py``) at every start: it downloads the agent zipapp from S3 with
+the instance role and runs it in the same Python process (one interpreter start per agent start, not two), or
+runs the one fetched before when S3 is out of reach. A restarted agent is thus the bucket's current one.
 """
 
 from __future__ import annotations
 
+import ast
+import base64
+import gzip
 import shlex
 from importlib import resources
 
@@ -17,21 +24,23 @@ from kafka_asg.config import ClusterConfig
 
 AGENT_KEY = "agent/kafka-asg-agent.pyz"
 AGENT_PATH = "/opt/kafka-asg/kafka-asg-agent.pyz"
+FETCHER_PATH = "/opt/kafka-asg/s3get.py"
 # EC2 rejects user data over 16 KB (before base64): https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/user-data.html
 USER_DATA_LIMIT = 16 * 1024
-# How the user data runs Python (the fetcher and the agent): isolated (-I: no PYTHON* variables, no user site) and
-# without site-packages (-S), so only the standard library and what the zipapp carries can be imported.
+# How the service runs Python (the fetcher, and the agent in it): isolated (-I: no PYTHON* variables, no user site)
+# and without site-packages (-S), so only the standard library and what the zipapp carries can be imported.
 AGENT_PYTHON_FLAGS = ("-I", "-S")
 
 _TEMPLATE = """\
 #!/bin/sh
-# kafka-asg user data: fetch the node agent from S3 with the instance role and run it.
+# kafka-asg user data: install the service that fetches the node agent from S3 and runs it.
 # Rendered by `kafka-asg up` for cluster {cluster}; cloud-init logs this to /var/log/cloud-init-output.log.
 set -eu
 CLUSTER={cluster}
 BUCKET={bucket}
 REGION={region}
 AGENT={agent_path}
+FETCHER={fetcher_path}
 echo "kafka-asg: user data starting at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 
 find_python() {{
@@ -55,14 +64,16 @@ if ! command -v java >/dev/null 2>&1; then
 fi
 
 mkdir -p "$(dirname "$AGENT")" /var/log/kafka-asg
-# -I -S: isolated, no site-packages: the fetcher needs only the standard library, the agent only what its zipapp
-# carries (pinned); nothing the AMI's Python has installed is imported, nor read at every start.
-PY_FLAGS={py_flags}
-"$PY" $PY_FLAGS - "$BUCKET" {agent_key} "$AGENT" "$REGION" <<'S3GET'
-{s3get}
+# The fetcher: kafka_asg/s3get.py (stdlib only) without its docstrings, gzip'd and base64'd to fit in here.
+base64 -d <<'S3GET' | gzip -dc > "$FETCHER.part"
+{fetcher}
 S3GET
+mv "$FETCHER.part" "$FETCHER"
 
+# -I -S: isolated, no site-packages: only the standard library and what the agent zipapp carries (pinned) are
+# imported, nothing the AMI's Python has installed. At every start: fetch the agent, run it in the same Python.
 ARGS="run --bucket $BUCKET --region $REGION --cluster $CLUSTER"
+RUN="$PY {py_flags} $FETCHER $BUCKET {agent_key} $AGENT $REGION $ARGS"
 if [ -d /run/systemd/system ]; then
   # Under systemd: restart on failure; give Kafka's controlled shutdown time on stop.
   cat > /etc/systemd/system/kafka-asg-agent.service <<UNIT
@@ -73,7 +84,7 @@ Wants=network-online.target
 
 [Service]
 ${{AWS_ENDPOINT_URL:+Environment=AWS_ENDPOINT_URL=$AWS_ENDPOINT_URL}}
-ExecStart=$PY $PY_FLAGS $AGENT $ARGS
+ExecStart=$RUN
 Restart=always
 RestartSec=5
 KillMode=mixed
@@ -86,25 +97,39 @@ UNIT
   systemctl enable --now kafka-asg-agent.service
 else
   # No service manager (e.g. the rehearsal's instances): a detached restart loop does its job.
-  AGENT_CMD="\\"$PY\\" $PY_FLAGS \\"$AGENT\\" $ARGS"
-  setsid sh -c "while :; do $AGENT_CMD; echo \\"kafka-asg: agent exited (\\$?)\\"; sleep 5; done" \\
+  setsid sh -c "while :; do $RUN; echo \\"kafka-asg: agent exited (\\$?)\\"; sleep 5; done" \\
     >>/var/log/kafka-asg/agent.log 2>&1 </dev/null &
 fi
-echo "kafka-asg: agent started"
+echo "kafka-asg: agent service started"
 """
+
+
+def fetcher_source() -> str:
+    """``kafka_asg/s3get.py`` without docstrings (and, parsed and unparsed, without comments): what instances run."""
+    tree = ast.parse(resources.files("kafka_asg").joinpath("s3get.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node) is not None:
+            node.body = node.body[1:] or [ast.Pass()]
+    return ast.unparse(tree) + "\n"
+
+
+def embedded(source: str) -> str:
+    """gzip (no timestamp: the same user data for the same source, so `up` changes no launch template) and base64,
+    in 76-character lines."""
+    return base64.encodebytes(gzip.compress(source.encode(), 9, mtime=0)).decode().rstrip("\n")
 
 
 def render_user_data(cfg: ClusterConfig) -> str:
     """The user data script for ``cfg``; raises ValueError if it would exceed EC2's 16 KB limit."""
-    s3get = resources.files("kafka_asg").joinpath("s3get.py").read_text()
     script = _TEMPLATE.format(
         cluster=shlex.quote(cfg.name),
         bucket=shlex.quote(cfg.bucket),
         region=shlex.quote(cfg.region),
         agent_path=shlex.quote(AGENT_PATH),
+        fetcher_path=shlex.quote(FETCHER_PATH),
         agent_key=shlex.quote(AGENT_KEY),
-        py_flags=shlex.quote(" ".join(AGENT_PYTHON_FLAGS)),
-        s3get=s3get.rstrip("\n"),
+        py_flags=" ".join(AGENT_PYTHON_FLAGS),
+        fetcher=embedded(fetcher_source()),
     )
     if len(script.encode()) > USER_DATA_LIMIT:
         raise ValueError(f"user data is {len(script.encode())} bytes; EC2 allows {USER_DATA_LIMIT}")

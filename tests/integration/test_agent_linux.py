@@ -192,8 +192,8 @@ def test_disk_mkfs_only_when_empty_and_identity_survives_a_remount(ebs_volume: t
     assert formatted is not None
     assert (formatted.filesystem, formatted.label) == ("ext4", "kasg-2-zk-data")
 
-    host.mount(loop, mountpoint)
-    host.mount(loop, mountpoint)  # idempotent
+    host.mount(loop, mountpoint, "ext4")
+    host.mount(loop, mountpoint, "ext4")  # idempotent
     mounted = host.disk(VOLUME_ID)
     assert mounted is not None
     assert (mounted.mounted_at, mounted.filesystem) == (mountpoint, "ext4")  # from the mount table, no blkid
@@ -217,7 +217,7 @@ def test_disk_mkfs_only_when_empty_and_identity_survives_a_remount(ebs_volume: t
 
     with pytest.raises(HostError, match="refusing to format"):
         host.make_filesystem(loop, "other")
-    host.mount(loop, mountpoint)
+    host.mount(loop, mountpoint, "ext4")
     assert host.read_file(mountpoint / "myid") == "2\n"
     remounted = host.disk(VOLUME_ID)
     assert remounted is not None
@@ -251,7 +251,7 @@ def test_a_probe_is_reused_for_a_moment_but_never_to_format(ebs_volume: tuple[Ag
     at_once = host.disk(VOLUME_ID)  # an ext4 superblock is read at every look, whatever blkid said a moment ago
     assert at_once is not None and (at_once.filesystem, at_once.label) == ("ext4", "ext4-now")
     now[0] += 1.0
-    host.mount(loop, Path("/var/lib/zookeeper/data"))
+    host.mount(loop, Path("/var/lib/zookeeper/data"), "ext4")
     mounted = host.disk(VOLUME_ID)
     assert mounted is not None and mounted.mounted_at == Path("/var/lib/zookeeper/data")
 
@@ -260,9 +260,14 @@ def test_mount_refuses_a_second_place(ebs_volume: tuple[AgentPaths, Path]) -> No
     paths, loop = ebs_volume
     host = LinuxHost(paths)
     host.make_filesystem(loop, "kasg-1-kafka-log")
-    host.mount(loop, Path("/var/lib/kafka/event-log"))
+    # mount(2) is told the type the probe found: a wrong one is named, never guessed around.
+    with pytest.raises(HostError, match=r"\(nosuchfs\) failed: No such device: this kernel has no nosuchfs support"):
+        host.mount(loop, Path("/var/lib/kafka/event-log"), "nosuchfs")
+    with pytest.raises(HostError, match=r"\(ext2\) failed: Invalid argument: is it really ext2\?"):
+        host.mount(loop, Path("/var/lib/kafka/event-log"), "ext2")
+    host.mount(loop, Path("/var/lib/kafka/event-log"), "ext4")
     with pytest.raises(HostError, match="already mounted at /var/lib/kafka/event-log"):
-        host.mount(loop, Path("/var/lib/zookeeper/data"))
+        host.mount(loop, Path("/var/lib/zookeeper/data"), "ext4")
 
 
 def test_files_are_relative_to_the_root(tmp_path: Path) -> None:

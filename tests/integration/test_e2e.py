@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from kafka_asg.config import ClusterConfig, load_config
+from kafka_asg.userdata import AGENT_KEY, AGENT_PATH, AGENT_PYTHON_FLAGS, FETCHER_PATH
 
 pytestmark = [pytest.mark.rehearsal, pytest.mark.jvm]
 
@@ -182,8 +183,9 @@ def reboot(cfg: ClusterConfig, instance_id: str) -> None:
     started = instance_exec(
         instance_id,
         f"echo '--- reboot ---' >> /var/log/kafka-asg/agent.log; AWS_ENDPOINT_URL={info.instance_endpoint_url}"
-        " setsid python3 /opt/kafka-asg/kafka-asg-agent.pyz run"
-        f" --bucket {cfg.bucket} --region {cfg.region} --cluster {cfg.name}"
+        # What the service runs at boot: the fetcher, which fetches the agent again and runs it.
+        f" setsid python3.11 {' '.join(AGENT_PYTHON_FLAGS)} {FETCHER_PATH} {cfg.bucket} {AGENT_KEY} {AGENT_PATH}"
+        f" {cfg.region} run --bucket {cfg.bucket} --region {cfg.region} --cluster {cfg.name}"
         " >> /var/log/kafka-asg/agent.log 2>&1 < /dev/null &",
     )
     assert started.returncode == 0, started.stderr

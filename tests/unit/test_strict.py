@@ -239,6 +239,21 @@ def test_asg_accepts_the_ssm_ami_alias_and_template_metadata_options(world: Worl
     assert (inst["MetadataOptions"]["HttpTokens"] == "required") is (world.strict is not None)
 
 
+def test_an_instance_launches_from_a_new_template_version_with_its_user_data() -> None:
+    # `kafka-asg up` with new user data makes a new launch template version; plain moto cannot launch from it.
+    with make_world(strict=True) as w:
+        make_group(w, 0)
+        w.ec2.create_launch_template_version(
+            LaunchTemplateName="kafka-lt",
+            SourceVersion="1",
+            LaunchTemplateData={"UserData": base64.b64encode(b"#!/bin/sh\necho v2\n").decode()},
+        )
+        w.asg.set_desired_capacity(AutoScalingGroupName="kafka-asg", DesiredCapacity=1)
+        iid = group_instances(w)[0]["InstanceId"]
+        user_data = w.ec2.describe_instance_attribute(InstanceId=iid, Attribute="userData")["UserData"]["Value"]
+        assert base64.b64decode(user_data) == b"#!/bin/sh\necho v2\n"
+
+
 def test_asg_replaces_terminated_and_unhealthy_instances_in_the_same_az(world: World) -> None:
     make_group(world, 3)
     world.advance(3)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import http.client
 import logging
 import os
 import threading
@@ -43,7 +42,7 @@ from kafka_asg.agent.ports import Cloud, EniView, Imds, InstanceState, VolumeVie
 from kafka_asg.config import CLUSTER_TAG, ROLE_TAG, SLOT_TAG
 from kafka_asg.errors import ClaimLost, CloudError, NotFoundError, Unavailable
 from kafka_asg.retry import RETRYABLE_AWS_CODES, Retry
-from kafka_asg.s3get import object_url, sigv4_headers
+from kafka_asg.s3get import Connection, Response, object_url, sigv4_headers
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +213,7 @@ class _Connections(threading.local):
     """Keep-alive connections, one per endpoint and thread (the archive downloads run in their own thread)."""
 
     def __init__(self) -> None:
-        self.by_origin: dict[str, http.client.HTTPConnection] = {}
+        self.by_origin: dict[str, Connection] = {}
 
 
 class AwsCloud(Cloud):
@@ -246,13 +245,11 @@ class AwsCloud(Cloud):
         self._connections = _Connections()
 
     # ------------------------------------------------------------------------------ HTTP
-    def _connection(self, origin: urllib.parse.SplitResult) -> http.client.HTTPConnection:
+    def _connection(self, origin: urllib.parse.SplitResult) -> Connection:
         key = f"{origin.scheme}://{origin.netloc}"
         conn = self._connections.by_origin.get(key)
         if conn is None:
-            kind = http.client.HTTPSConnection if origin.scheme == "https" else http.client.HTTPConnection
-            conn = kind(origin.netloc, timeout=self.timeout)
-            self._connections.by_origin[key] = conn
+            conn = self._connections.by_origin[key] = Connection(origin.scheme, origin.netloc, self.timeout)
         return conn
 
     def _drop(self, origin: urllib.parse.SplitResult) -> None:
@@ -263,7 +260,7 @@ class AwsCloud(Cloud):
     def _send(
         self, what: str, resource: str | None, method: str, service: str, url: str, *, body: bytes = b"",
         headers: Mapping[str, str] | None = None,
-    ) -> http.client.HTTPResponse:  # fmt: skip
+    ) -> Response:  # fmt: skip
         """One signed exchange; the open 2xx response (the caller reads it), or the taxonomy error."""
         parts = urllib.parse.urlsplit(url)
         creds = self.credentials()
@@ -277,22 +274,21 @@ class AwsCloud(Cloud):
             conn = self._connection(parts)
             reused = conn.sock is not None
             try:
-                conn.request(method, path, body=body or None, headers=signed)
-                response = conn.getresponse()
+                response = conn.request(method, path, body, signed)
                 break
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+            except (ConnectionResetError, BrokenPipeError) as exc:
                 self._drop(parts)
                 if reused and attempt == 1:
                     continue  # the endpoint closed an idle keep-alive connection: a new one, once
                 raise Unavailable(f"{what}: cannot reach {parts.netloc}: {exc}") from exc
-            except (OSError, http.client.HTTPException) as exc:
+            except OSError as exc:
                 self._drop(parts)
                 raise Unavailable(f"{what}: cannot reach {parts.netloc}: {exc}") from exc
         if 200 <= response.status < 300:
             return response
         try:
             data = response.read()
-        except (OSError, http.client.HTTPException):
+        except OSError:
             data = b""
         if response.will_close:
             self._drop(parts)
@@ -301,14 +297,15 @@ class AwsCloud(Cloud):
             self.credentials.forget()
         raise classify(code, message, what, resource)
 
-    def _read(
-        self, what: str, parts: urllib.parse.SplitResult, response: http.client.HTTPResponse, size: int | None = None
-    ) -> bytes:
+    def _read(self, what: str, parts: urllib.parse.SplitResult, response: Response, size: int | None = None) -> bytes:
         try:
-            return response.read(size)
-        except (OSError, http.client.HTTPException) as exc:
+            data = response.read(size)
+        except OSError as exc:
             self._drop(parts)
             raise Unavailable(f"{what}: the answer broke off: {exc}") from exc
+        if response.will_close and (size is None or not data):
+            self._drop(parts)  # the server ends the connection with this answer
+        return data
 
     def _query(
         self, service: str, action: str, params: Mapping[str, str], what: str, resource: str | None = None
@@ -446,10 +443,8 @@ class AwsCloud(Cloud):
             response = self._send(what, resource, "GET", "s3", url)
             sink = begin()
             try:
-                while chunk := self._read(what, parts, response, CHUNK):
+                while chunk := self._read(what, parts, response, CHUNK):  # a short body raises
                     sink(chunk)
-                if response.length:  # http.client's sized reads end quietly at EOF, short or not
-                    raise Unavailable(f"{what}: the download broke off {response.length} bytes short")
             except BaseException:
                 self._drop(parts)  # the rest of the body is still on the connection
                 raise

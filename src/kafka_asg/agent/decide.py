@@ -17,7 +17,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Literal
 
-from kafka_asg.agent.ports import SERVING_ZK_MODES, EniView, ServerName, VolumeView
+from kafka_asg.agent.ports import PARTITION_TABLE, SERVING_ZK_MODES, EniView, ServerName, VolumeView
 from kafka_asg.agent.snapshot import NodeView, VolumeMarker
 from kafka_asg.config import PER_INSTANCE_DEVICES, VOLUME_ROLES, ClusterConfig, VolumeRole
 
@@ -93,6 +93,7 @@ class VolumeMount:
     volume_id: str
     device: Path
     mountpoint: Path
+    filesystem: str  # as the probe found it (ext4, or blkid's TYPE): mounted as that type
 
 
 @dataclass(frozen=True)
@@ -398,9 +399,19 @@ def _prepare_disks(view: NodeView, cfg: ClusterConfig, eni: EniView) -> Decision
                 f"making a filesystem on {disk.device} ({vol.volume_id}, {role}): it has none",
                 "booting",
             )
+        if disk.filesystem.startswith(PARTITION_TABLE):
+            # Someone's partitioned disk: not ours to mount whole, never ours to format.
+            return Decision(
+                Refuse(f"volume {vol.volume_id} ({role}) holds a {disk.filesystem}, not a filesystem"),
+                f"refused: volume {vol.volume_id} ({role}) at {disk.device} holds a {disk.filesystem}, not a "
+                f"filesystem: kafka-asg mounts a whole device and never formats one that holds anything",
+                "refused",
+            )
         mountpoint = view.mountpoints[role]
         if disk.mounted_at is None or str(disk.mounted_at) != str(mountpoint):
-            unmounted.append((role, VolumeMount(vol.volume_id, disk.device, Path(mountpoint)), disk.filesystem))
+            unmounted.append(
+                (role, VolumeMount(vol.volume_id, disk.device, Path(mountpoint), disk.filesystem), disk.filesystem)
+            )
     if not unmounted:
         return None
     return Decision(

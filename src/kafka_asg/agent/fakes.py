@@ -349,10 +349,12 @@ class FakeHost(Host):
         self.mkfs_calls.append(vol.volume_id)
         vol.filesystem, vol.label, vol.files = "ext4", label, {"lost+found/": b""}
 
-    def mount(self, device: Path, mountpoint: Path) -> None:
+    def mount(self, device: Path, mountpoint: Path, filesystem: str) -> None:
         vol = self._volume_by_device(device)
         if vol.filesystem is None:
             raise HostError(f"mount {device}: no filesystem")
+        if filesystem != vol.filesystem:
+            raise HostError(f"mount {device} as {filesystem}: it holds {vol.filesystem}")
         self.mounts[vol.volume_id] = PurePosixPath(mountpoint)
 
     def _locate(self, path: Path) -> tuple[FakeVolume | None, str]:

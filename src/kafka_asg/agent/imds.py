@@ -1,4 +1,5 @@
-"""IMDSv2 client (stdlib urllib only), with cloud-init's ``DataSourceEc2`` behaviour:
+"""IMDSv2 client (plain sockets: :func:`kafka_asg.s3get.exchange`), with cloud-init's ``DataSourceEc2``
+behaviour:
 
 - the session token is fetched lazily (``PUT /latest/api/token`` with a TTL header) and reused;
 - a 401 means the token went stale: clear it, fetch a new one, retry the request once;
@@ -16,8 +17,6 @@ import json
 import logging
 import os
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from functools import partial
 from ipaddress import IPv4Address, IPv4Network
@@ -27,6 +26,7 @@ from kafka_asg.agent.ports import Imds, InstanceIdentity
 from kafka_asg.agent.reads import Recent
 from kafka_asg.errors import CloudError, NotFoundError, Unavailable
 from kafka_asg.retry import Retry
+from kafka_asg.s3get import exchange
 
 logger = logging.getLogger(__name__)
 
@@ -74,42 +74,36 @@ class HttpImds(Imds):
         self._token: str | None = None
         self._identity: InstanceIdentity | None = None
         self._lifecycle = Recent(clock, lifecycle_max_age)
-        # IMDS goes through no proxy, whatever the environment says (cloud-init does the same).
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     # ---------------------------------------------------------------------------- HTTP
-    def _open(self, request: urllib.request.Request) -> bytes:
-        """One HTTP exchange; statuses mapped to the error taxonomy (URLs only in messages, never headers)."""
-        what = f"{request.get_method()} {request.full_url}"
+    def _open(self, method: str, path: str, headers: Mapping[str, str]) -> bytes:
+        """One HTTP exchange (through no proxy, whatever the environment says, as cloud-init does); statuses
+        mapped to the error taxonomy (URLs only in messages, never headers)."""
+        url = self.base_url + path
+        what = f"{method} {url}"
         try:
-            with self._opener.open(request, timeout=self.timeout) as resp:
-                data: bytes = resp.read()
-                return data
-        except urllib.error.HTTPError as exc:
-            code = exc.code
-            exc.close()
-            if code == 401:
-                raise _Stale(what) from None
-            if code == 404:
-                raise NotFoundError(f"IMDS has no {request.full_url} (404)") from None
-            if code == 403:
-                raise CloudError(
-                    f"IMDS refused {what} (403): instance metadata is disabled for this instance or the token "
-                    "PUT crossed too many hops; enable IMDS (HttpEndpoint=enabled) / raise HttpPutResponseHopLimit",
-                    "IMDS403",
-                ) from None
-            if code in (429, 503) or code >= 500:
-                raise Unavailable(f"IMDS answered {code} to {what}") from None
-            raise CloudError(f"IMDS answered {code} to {what}", f"IMDS{code}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise Unavailable(f"IMDS at {self.base_url} unreachable for {what}: {reason}") from None
+            code, data = exchange(method, url, headers, self.timeout)
+        except OSError as exc:
+            raise Unavailable(f"IMDS at {self.base_url} unreachable for {what}: {exc}") from None
+        if code == 200:
+            return data
+        if code == 401:
+            raise _Stale(what)
+        if code == 404:
+            raise NotFoundError(f"IMDS has no {url} (404)")
+        if code == 403:
+            raise CloudError(
+                f"IMDS refused {what} (403): instance metadata is disabled for this instance or the token "
+                "PUT crossed too many hops; enable IMDS (HttpEndpoint=enabled) / raise HttpPutResponseHopLimit",
+                "IMDS403",
+            )
+        if code in (429, 503) or code >= 500:
+            raise Unavailable(f"IMDS answered {code} to {what}")
+        raise CloudError(f"IMDS answered {code} to {what}", f"IMDS{code}")
 
     def _fetch_token(self) -> str:
-        request = urllib.request.Request(
-            self.base_url + TOKEN_PATH, method="PUT", headers={TTL_HEADER: str(self.token_ttl)}
-        )
-        token = self.retry("IMDS token", lambda: self._open(request)).decode().strip()
+        headers = {TTL_HEADER: str(self.token_ttl)}
+        token = self.retry("IMDS token", lambda: self._open("PUT", TOKEN_PATH, headers)).decode().strip()
         if not token:
             raise CloudError("IMDS returned an empty token", "IMDSToken")
         logger.debug("got an IMDSv2 token (ttl %ds)", self.token_ttl)
@@ -118,8 +112,8 @@ class HttpImds(Imds):
     def _get_once(self, path: str) -> str:
         if self._token is None:
             self._token = self._fetch_token()
-        request = urllib.request.Request(self.base_url + path, headers={TOKEN_HEADER: self._token})
-        return self.retry(f"IMDS {path}", lambda: self._open(request)).decode()
+        headers = {TOKEN_HEADER: self._token}
+        return self.retry(f"IMDS {path}", lambda: self._open("GET", path, headers)).decode()
 
     def get(self, path: str) -> str:
         """GET ``path`` (absolute, e.g. ``/latest/meta-data/instance-id``) with the token.

@@ -8,7 +8,9 @@ namespace; the prefix must keep the mount namespace (``ip netns exec`` does not)
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import json
 import logging
 import os
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kafka_asg.agent.concurrency import results_at_once
-from kafka_asg.agent.ports import DiskState, Host, NicState
+from kafka_asg.agent.ports import PARTITION_TABLE, DiskState, Host, NicState
 from kafka_asg.agent.reads import Recent
 from kafka_asg.errors import HostError
 from kafka_asg.fsutil import atomic_write
@@ -100,6 +102,29 @@ def parse_mounts(text: str) -> list[tuple[str, Path, str]]:
         if len(fields) >= 3:
             out.append((_unescape_mount_field(fields[0]), Path(_unescape_mount_field(fields[1])), fields[2]))
     return out
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+    return libc
+
+
+def mount_syscall(device: Path, target: Path, filesystem: str) -> None:
+    """mount(2) with no flags or options, as ``mount -t FILESYSTEM DEVICE TARGET`` does: the type is known from
+    the probe, so neither mount(8)'s process nor its own blkid probe is needed (10-15 ms a volume, 1 ms this way).
+    https://man7.org/linux/man-pages/man2/mount.2.html"""
+    if _libc().mount(os.fsencode(device), os.fsencode(target), filesystem.encode(), 0, None) == 0:
+        return
+    code = ctypes.get_errno()
+    hint = {
+        errno.EINVAL: f": is it really {filesystem}? (a bad superblock, or the device is mounted already)",
+        errno.ENODEV: f": this kernel has no {filesystem} support",
+        errno.EBUSY: ": the device is in use or something is mounted there",
+        errno.EPERM: ": the agent needs root (CAP_SYS_ADMIN)",
+    }.get(code, "")
+    raise HostError(f"mount {device} at {target} ({filesystem}) failed: {os.strerror(code)}{hint}")
 
 
 class LinuxHost(Host):
@@ -337,7 +362,7 @@ class LinuxHost(Host):
             raise _NeedsProbe(volume_id)
         probe = found or self._recent_blkid(volume_id, device)
         # A partition table counts as "not empty": never format over someone's partitions.
-        filesystem = probe.get("TYPE") or (f"partition table {probe['PTTYPE']}" if "PTTYPE" in probe else None)
+        filesystem = probe.get("TYPE") or (PARTITION_TABLE + probe["PTTYPE"] if "PTTYPE" in probe else None)
         return DiskState(device=device, filesystem=filesystem, label=probe.get("LABEL"), mounted_at=None)
 
     def shows(self, volume_id: str) -> bool:
@@ -379,7 +404,7 @@ class LinuxHost(Host):
     def _forget_probe(self, device: Path) -> None:
         self._probes.forget(lambda key: isinstance(key, tuple) and key[1] == device)
 
-    def mount(self, device: Path, mountpoint: Path) -> None:
+    def mount(self, device: Path, mountpoint: Path, filesystem: str) -> None:
         """Mount ``device`` at the instance path ``mountpoint`` (mkdir -p). Idempotent; HostError if the
         device is mounted elsewhere or something else is mounted there."""
         self._forget_probe(device)
@@ -396,8 +421,8 @@ class LinuxHost(Host):
             raise HostError(f"cannot create mountpoint {target}: {exc}") from exc
         if os.path.ismount(target):
             raise HostError(f"something else is already mounted at {target}: refusing to mount {device} over it")
-        self._run(["mount", str(device), str(target)])
-        logger.info("mounted %s at %s", device, target)
+        mount_syscall(device, target, filesystem)
+        logger.info("mounted %s (%s) at %s", device, filesystem, target)
 
     # ----------------------------------------------------------------------------------------- files
 

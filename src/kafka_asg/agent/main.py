@@ -120,6 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         services=ProcessServices(paths),
         paths=paths,
         settings=settings,
+        manifest=(base / "manifest.json").read_bytes(),
     )
     if args.once:
         print(agent.run_cycle())

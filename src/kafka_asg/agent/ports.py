@@ -140,10 +140,14 @@ class NicState:
     has_policy_route: bool  # "ip rule from <addr> lookup <table>" present with a default route in it
 
 
+# What DiskState.filesystem says of a device that holds a partition table (and no filesystem of its own).
+PARTITION_TABLE = "partition table "
+
+
 @dataclass(frozen=True)
 class DiskState:
     device: Path  # resolved block device
-    filesystem: str | None  # blkid TYPE, None = no filesystem
+    filesystem: str | None  # blkid TYPE, or PARTITION_TABLE + blkid PTTYPE; None = nothing found
     label: str | None
     mounted_at: Path | None
 
@@ -178,7 +182,8 @@ class Host(ABC):
         and raise HostError rather than format a device that has a filesystem."""
 
     @abstractmethod
-    def mount(self, device: Path, mountpoint: Path) -> None: ...
+    def mount(self, device: Path, mountpoint: Path, filesystem: str) -> None:
+        """Mount ``device`` (holding a ``filesystem``, as a probe found it) at ``mountpoint``."""
 
     @abstractmethod
     def read_file(self, path: Path) -> str | None:

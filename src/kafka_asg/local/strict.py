@@ -12,6 +12,7 @@ and every tick, so a tick never sees half a request.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -21,12 +22,16 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+import moto.core.responses as moto_responses
 from moto.autoscaling.models import AutoScalingBackend, FakeAutoScalingGroup, autoscaling_backends
+from moto.core.utils import method_names_from_class
 from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models import EC2Backend, ec2_backends
 from moto.ec2.models.elastic_network_interfaces import Attachment, NetworkInterface
 from moto.ec2.models.instances import Instance
+from moto.ec2.models.launch_templates import LaunchTemplate
 from moto.ec2.models.subnets import Subnet
+from moto.ec2.utils import parse_user_data
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +119,7 @@ class StrictMoto:
         self.clock = clock
         self.lock = threading.RLock()
         self.down_azs: set[str] = set()
-        self._saved: list[tuple[type, str, Any]] = []
+        self._saved: list[tuple[Any, str, Any]] = []
         # Per instance: when it may become running / when its shutdown completes.
         self._boot_at: dict[str, float] = {}
         self._terminate_at: dict[str, float] = {}
@@ -131,9 +136,10 @@ class StrictMoto:
     def __exit__(self, *exc: object) -> None:
         self.uninstall()
 
-    def _patch(self, cls: type, name: str, value: Any) -> None:
-        self._saved.append((cls, name, cls.__dict__.get(name, _MISSING)))
-        setattr(cls, name, value)
+    def _patch(self, owner: Any, name: str, value: Any) -> None:
+        """Set ``owner.name`` (a class's or a module's) to ``value`` until :meth:`uninstall`."""
+        self._saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
+        setattr(owner, name, value)
 
     def uninstall(self) -> None:
         for cls, name, old in reversed(self._saved):
@@ -281,6 +287,21 @@ class StrictMoto:
             orig_delete_group(backend, group_name)
 
         self._patch(AutoScalingBackend, "delete_auto_scaling_group", delete_auto_scaling_group)
+
+        orig_create_version = LaunchTemplate.create_version
+
+        def create_version(template: Any, data: dict[str, Any], description: str) -> Any:
+            # CreateLaunchTemplateVersion hands moto the user data as the request's base64 text, where
+            # CreateLaunchTemplate decodes it first: launching from such a version then fails moto's own check.
+            if isinstance(data.get("UserData"), str):
+                data = {**data, "UserData": parse_user_data(data["UserData"])}
+            return orig_create_version(template, data, description)
+
+        self._patch(LaunchTemplate, "create_version", create_version)
+
+        # Speed, not strictness: moto lists a response class's methods (inspect.getmembers) at every request, about
+        # a tenth of the region's CPU per EC2 call while instances boot; the classes never change while it serves.
+        self._patch(moto_responses, "method_names_from_class", functools.cache(method_names_from_class))
 
     # -- termination ------------------------------------------------------------------------------
     def _begin_termination(self, instance: Any) -> Any:

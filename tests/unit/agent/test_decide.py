@@ -360,22 +360,33 @@ def test_mkfs_only_when_the_device_has_no_filesystem() -> None:
     assert d.sentence == "making a filesystem on /dev/nvme1n1 (vol-zk-data, zk-data): it has none"
 
 
-@pytest.mark.parametrize("fs", ["ext4", "xfs", "partition table gpt"])
+@pytest.mark.parametrize("fs", ["ext4", "xfs"])
 def test_never_mkfs_on_a_device_with_a_filesystem(fs: str) -> None:
     v = view_nic_ready().but(disks={f"vol-{r}": disk(r, filesystem=fs, mounted=False) for r in VOLUME_ROLES})
     d = decide(v, CFG)
     assert not isinstance(d.action, MakeFilesystem)
     assert d.action == Mount(
         (
-            VolumeMount("vol-zk-data", Path("/dev/nvme1n1"), Path("/var/lib/zookeeper/data")),
-            VolumeMount("vol-zk-txlog", Path("/dev/nvme2n1"), Path("/var/lib/zookeeper/transaction-log")),
-            VolumeMount("vol-kafka-log", Path("/dev/nvme3n1"), Path("/var/lib/kafka/event-log")),
+            VolumeMount("vol-zk-data", Path("/dev/nvme1n1"), Path("/var/lib/zookeeper/data"), fs),
+            VolumeMount("vol-zk-txlog", Path("/dev/nvme2n1"), Path("/var/lib/zookeeper/transaction-log"), fs),
+            VolumeMount("vol-kafka-log", Path("/dev/nvme3n1"), Path("/var/lib/kafka/event-log"), fs),
         )
     )
     assert d.sentence == (
         f"mounting /dev/nvme1n1 (vol-zk-data, zk-data, {fs}) at /var/lib/zookeeper/data; "
         f"/dev/nvme2n1 (vol-zk-txlog, zk-txlog, {fs}) at /var/lib/zookeeper/transaction-log; "
         f"/dev/nvme3n1 (vol-kafka-log, kafka-log, {fs}) at /var/lib/kafka/event-log"
+    )
+
+
+def test_a_partitioned_device_is_refused_never_formatted_nor_mounted() -> None:
+    disks = {f"vol-{r}": disk(r, filesystem="ext4", mounted=False) for r in VOLUME_ROLES}
+    disks["vol-zk-txlog"] = disk("zk-txlog", filesystem="partition table gpt", mounted=False)
+    d = decide(view_nic_ready().but(disks=disks), CFG)
+    assert isinstance(d.action, Refuse) and d.state == "refused"
+    assert d.sentence == (
+        "refused: volume vol-zk-txlog (zk-txlog) at /dev/nvme2n1 holds a partition table gpt, not a filesystem: "
+        "kafka-asg mounts a whole device and never formats one that holds anything"
     )
 
 
@@ -393,7 +404,8 @@ def test_only_the_volumes_not_yet_mounted_are_mounted() -> None:
         }
     )
     d = decide(v, CFG)
-    assert d.action == Mount((VolumeMount("vol-kafka-log", Path("/dev/nvme3n1"), Path("/var/lib/kafka/event-log")),))
+    mount = VolumeMount("vol-kafka-log", Path("/dev/nvme3n1"), Path("/var/lib/kafka/event-log"), "ext4")
+    assert d.action == Mount((mount,))
     assert d.sentence == "mounting /dev/nvme3n1 (vol-kafka-log, kafka-log, ext4) at /var/lib/kafka/event-log"
 
 

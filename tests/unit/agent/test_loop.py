@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kafka_asg.agent.fakes import FakeClock, FakeCloud, FakeHost, FakeImds, FakeServices, FakeWorld
-from kafka_asg.agent.loop import Agent, AgentSettings, Prefetch, nested
+from kafka_asg.agent.loop import Agent, AgentSettings, Prefetch
 from kafka_asg.agent.ports import InstanceIdentity, ServerName
 from kafka_asg.agent.snapshot import MARKER_NAME
 from kafka_asg.agent.status import health, read_status
@@ -63,7 +63,16 @@ class Node:
     instance_id: str
 
 
-def boot(world: FakeWorld, tmp: Path, instance_id: str, clock: FakeClock, slot_subnet: int = 2) -> Node:
+def boot(
+    world: FakeWorld,
+    tmp: Path,
+    instance_id: str,
+    clock: FakeClock,
+    slot_subnet: int = 2,
+    *,
+    cfg: ClusterConfig = CFG,
+    manifest: bytes | None = None,
+) -> Node:
     """A new instance (or a reboot: a new process, new OS state, same world) in the slot's subnet."""
     subnet_id, az, cidr = SUBNETS[slot_subnet]
     world.instances[instance_id] = "running"
@@ -90,7 +99,7 @@ def boot(world: FakeWorld, tmp: Path, instance_id: str, clock: FakeClock, slot_s
 
     services.meta_writer = kafka_writes_meta
     agent = Agent(
-        CFG,
+        cfg,
         imds=imds,
         cloud=FakeCloud(world),
         host=host,
@@ -98,6 +107,7 @@ def boot(world: FakeWorld, tmp: Path, instance_id: str, clock: FakeClock, slot_s
         paths=paths,
         clock=clock,
         settings=AgentSettings(),
+        manifest=manifest,
     )
     return Node(agent, host, services, imds, paths, instance_id)
 
@@ -605,6 +615,25 @@ def test_prefetch_failure_is_the_install_steps_then_retried(world: FakeWorld, cl
     assert node.services.events.count("install kafka") == 1
 
 
+def test_the_manifest_read_at_start_serves_the_installs_until_one_fails(
+    world: FakeWorld, clock: FakeClock, tmp_path: Path
+) -> None:
+    current = world.objects[(BUCKET, "manifest.json")]
+    stale = json.loads(current)
+    stale["files"][CFG.zookeeper.archive_key]["sha256"] = "0" * 64  # as if `kafka-asg up` ran since the agent's start
+    node = boot(world, tmp_path, "i-first", clock, manifest=json.dumps(stale).encode())
+    sentences = run(node, clock, SERVING)
+    failed = [s for s in sentences if s.startswith("failed:")]
+    assert len(failed) == 1 and "does not match manifest.json" in failed[0], sentences
+    assert world.calls.count("get_object manifest.json") == 2  # read afresh from then on: zookeeper's retry, kafka
+    assert node.services.events.count("install zookeeper") == 1
+
+    other = make_world()
+    fresh = boot(other, tmp_path / "fresh", "i-first", clock, manifest=other.objects[(BUCKET, "manifest.json")])
+    run(fresh, clock, SERVING)
+    assert other.calls.count("get_object manifest.json") == 0  # the one handed over served both installs
+
+
 def test_tags_are_reported_on_change_and_as_heartbeat(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
     node = boot(world, tmp_path, "i-first", clock)
     run(node, clock, SERVING)  # the first cycle that waits reports
@@ -649,6 +678,41 @@ def test_run_forever_boots_then_stops_on_sigterm(world: FakeWorld, tmp_path: Pat
     status = read_status(node.paths.status_file)
     assert status is not None
     assert status.state == "stopping"
+
+
+def test_the_daemon_downloads_the_archives_from_its_first_cycle_on_before_its_claim(
+    world: FakeWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = boot(world, tmp_path, "i-first", SystemClockForTest())
+    node.agent.settings = AgentSettings(booting_interval=0.01, serving_interval=0.01)
+    cloud = node.agent.cloud
+    downloading, claim_saw_a_download = threading.Event(), list[bool]()
+    download, attach_eni = cloud.download, cloud.attach_eni
+
+    def watched_download(bucket: str, key: str, dest: Path) -> str:
+        downloading.set()
+        return download(bucket, key, dest)
+
+    def watched_attach(eni_id: str, instance_id: str, device_index: int) -> None:
+        claim_saw_a_download.append(downloading.wait(5.0))
+        attach_eni(eni_id, instance_id, device_index)
+
+    monkeypatch.setattr(cloud, "download", watched_download)
+    monkeypatch.setattr(cloud, "attach_eni", watched_attach)
+
+    def stop_when_serving() -> None:
+        deadline = time.monotonic() + 20
+        while node.agent.state != "serving" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        node.agent.request_stop()
+
+    watcher = threading.Thread(target=stop_when_serving)
+    watcher.start()
+    try:
+        assert node.agent.run_forever() == 0
+    finally:
+        watcher.join()
+    assert claim_saw_a_download == [True]  # the prefetch was under way while the first cycle claimed
 
 
 class SystemClockForTest(FakeClock):
@@ -752,12 +816,26 @@ def test_a_held_prefetch_step_runs_only_once_released_or_asked_for() -> None:
     assert unpacked == ["kafka"]
 
 
-def test_mounts_run_side_by_side_unless_one_lies_below_another() -> None:
-    seed = [
-        Path("/var/lib/zookeeper/data"),
-        Path("/var/lib/zookeeper/transaction-log"),
-        Path("/var/lib/kafka/event-log"),
-    ]
-    assert not nested(seed)
-    assert nested([Path("/data"), Path("/data/zk-txlog"), Path("/kafka")])
-    assert not nested([Path("/data"), Path("/data2")])  # a shared prefix of the name is not a parent
+def test_a_mountpoint_below_another_is_mounted_after_it(world: FakeWorld, clock: FakeClock, tmp_path: Path) -> None:
+    # ZooKeeper's dataDir inside its dataLogDir: the zk-txlog volume must be mounted first, whatever the roles' order.
+    zk_base = tmp_path / "zookeeper.config"
+    zk_base.write_text(
+        CFG.zookeeper_config.read_text()
+        .replace("dataDir=/var/lib/zookeeper/data", "dataDir=/var/lib/zookeeper/data/snapshots")
+        .replace("dataLogDir=/var/lib/zookeeper/transaction-log", "dataLogDir=/var/lib/zookeeper/data")
+    )
+    cfg = replace(CFG, zookeeper_config=zk_base)
+    world.put_with_manifest(
+        BUCKET,
+        {
+            CFG.zookeeper.archive_key: b"zookeeper archive bytes",
+            CFG.kafka.archive_key: b"kafka archive bytes",
+            "zookeeper.config": zk_base.read_bytes(),
+            "kafka.config": CFG.kafka_config.read_bytes(),
+        },
+    )
+    node = boot(world, tmp_path, "i-first", clock, cfg=cfg)
+    run(node, clock, SERVING)
+    order = list(node.host.mounts)
+    assert order.index("vol-2zktxlog") < order.index("vol-2zkdata"), order
+    assert volume_file(world, 2, "zk-data", "myid") == "2\n"  # on the inner volume, not under it on the outer one
