@@ -49,7 +49,11 @@ class Response:
         self.chunked = has_body and "chunked" in headers.get("transfer-encoding", "").lower()
         sized = has_body and not self.chunked and "content-length" in headers
         # Bytes of the body still to come: known for a sized body (0 without one), None for chunked or to-the-close.
-        self.length: int | None = int(headers["content-length"]) if sized else (None if has_body else 0)
+        self.length: int | None = None if has_body else 0
+        if sized:
+            if not headers["content-length"].isdigit():
+                raise HttpError(f"bad content-length {headers['content-length'][:40]!r}")
+            self.length = int(headers["content-length"])
         self.will_close = headers.get("connection", "").lower() == "close" or (self.length is None and not self.chunked)
         self._chunk_left: int | None = None  # chunked: bytes left in the current chunk; None: read a size line
 

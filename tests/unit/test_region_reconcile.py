@@ -175,6 +175,48 @@ def test_an_attach_is_plugged_at_once_not_at_the_next_tick(region: Region) -> No
     assert not loop.is_alive()  # stop() wakes the wait as well
 
 
+def test_attaches_sent_over_a_few_ms_are_plugged_in_one_batch(region: Region) -> None:
+    # A booting agent's three AttachVolume calls arrive a few ms apart: the reconcile the first one wakes waits for
+    # the API to go quiet, then plugs all three at once (it plugged the first alone, then the other two).
+    from werkzeug.serving import make_server
+
+    iid = run(region)
+    region.cycle(advance=1.5)
+    volumes = [region.ec2.create_volume(AvailabilityZone="eu-west-1a", Size=1)["VolumeId"] for _ in range(3)]
+    region.cycle()  # their images
+    server = make_server("127.0.0.1", 0, region.daemon.wsgi_app(admin=False), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    served = boto3.client(
+        "ec2", region_name=REGION, endpoint_url=f"http://127.0.0.1:{server.server_port}",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    )  # fmt: skip
+    region.daemon.spec = replace(region.daemon.spec, loop_interval=600.0)
+    loop = threading.Thread(target=region.daemon.run, daemon=True)
+    loop.start()
+    try:
+        time.sleep(0.2)  # the loop's first cycle, then its long wait
+        # Side by side, as the agent sends them (each thread its own connection: they arrive a few ms apart).
+        calls = [
+            threading.Thread(
+                target=lambda n=n, v=v: served.attach_volume(VolumeId=v, InstanceId=iid, Device=f"/dev/sd{'fgh'[n]}")
+            )
+            for n, v in enumerate(volumes)
+        ]
+        for call in calls:
+            call.start()
+        for call in calls:
+            call.join()
+        deadline = time.monotonic() + 10
+        while len(region.hosts.hosts[iid].volumes) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        region.daemon.stop()
+        loop.join(timeout=10)
+        server.shutdown()
+        server.server_close()
+    assert [(i, sorted(batch)) for i, batch in region.hosts.attach_batches] == [(iid, sorted(volumes))]
+
+
 def test_terminate_is_a_power_cut_and_the_volume_moves_after_the_delay(region: Region) -> None:
     a, b = run(region), run(region)
     region.cycle(advance=1.5)

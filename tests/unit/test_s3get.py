@@ -199,12 +199,22 @@ def test_one_connection_carries_sized_chunked_and_headless_answers() -> None:
 
 
 def test_a_short_or_cut_answer_is_an_error_and_a_closed_connection_says_so() -> None:
-    server = RawServer([(ok(b"abc", "Content-Length: 10"),), "close", (ok(b"rest", "Connection: close"),)])
+    server = RawServer(
+        [
+            (ok(b"abc", "Content-Length: 10"),),
+            "close",
+            (ok(b"x", "Content-Length: ten"),),
+            (ok(b"rest", "Connection: close"),),
+        ]
+    )
     conn = s3get.Connection("http", f"127.0.0.1:{server.port}", 5.0)
     with pytest.raises(s3get.HttpError, match="broke off 7 bytes short"):
         conn.request("GET", "/").read()
     conn.close()
     with pytest.raises(ConnectionResetError, match="closed the connection before answering"):
+        conn.request("GET", "/")
+    conn.close()
+    with pytest.raises(s3get.HttpError, match="bad content-length 'ten'"):
         conn.request("GET", "/")
     conn.close()
     last = conn.request("GET", "/")

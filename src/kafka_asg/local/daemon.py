@@ -53,8 +53,10 @@ SPEC_FILE = "spec.json"
 _IMAGE_SUFFIX = ".img"
 
 
-# How long a reconcile woken by an attach waits for the API calls in flight (RegionDaemon._settle).
-SETTLE_SECONDS = 0.02
+# A reconcile woken by an attach waits until no API call is in flight and none began for SETTLE_QUIET_SECONDS, for at
+# most SETTLE_SECONDS (RegionDaemon._settle).
+SETTLE_SECONDS = 0.03
+SETTLE_QUIET_SECONDS = 0.004
 
 
 def local_port() -> int:
@@ -368,6 +370,7 @@ class RegionDaemon:
     _failures: dict[str, int] = field(default_factory=dict)
     _imaged: frozenset[VolumeSpec] | None = None  # the volumes _sync_images last made images for
     _api_calls: int = 0  # EC2 / Auto Scaling requests being served or waiting for the lock
+    _api_call_began: float = 0.0  # time.monotonic() of the latest one's arrival
     _api_calls_changed: threading.Condition = field(default_factory=threading.Condition)
 
     def __post_init__(self) -> None:
@@ -575,6 +578,7 @@ class RegionDaemon:
                 return _in_background(moto_app, environ, start_response)
             with self._api_calls_changed:
                 self._api_calls += 1
+                self._api_call_began = time.monotonic()
             try:
                 with lock:
                     # moto computes the whole response inside the call; the lock keeps ticks out of it.
@@ -652,12 +656,18 @@ class RegionDaemon:
             self._wake.clear()
 
     def _settle(self) -> None:
-        """Woken by an attach: let the API calls in flight go first (for at most ``SETTLE_SECONDS``). A booting
-        instance sends its slot's three AttachVolume calls and its scale-in protection side by side; a reconcile
-        between them took the lock for its tick and observation from the ones still waiting (doubling the step's
-        40 ms) and plugged the volumes in two batches instead of one."""
+        """Woken by an attach: let the API calls in flight go first, and those that follow within a few ms (for at
+        most ``SETTLE_SECONDS``). A booting instance sends its slot's three AttachVolume calls and its scale-in
+        protection side by side, and they arrive over 5-10 ms (threads, connections); a reconcile between them took
+        the lock for its tick and observation from the ones still waiting, and plugged the volumes in two batches
+        (each one ``losetup`` listing and one process in the instance) instead of one."""
+        deadline = time.monotonic() + SETTLE_SECONDS
         with self._api_calls_changed:
-            self._api_calls_changed.wait_for(lambda: self._api_calls == 0, timeout=SETTLE_SECONDS)
+            while (now := time.monotonic()) < deadline:
+                quiet_for = now - self._api_call_began
+                if self._api_calls == 0 and quiet_for >= SETTLE_QUIET_SECONDS:
+                    return
+                self._api_calls_changed.wait(min(deadline - now, max(SETTLE_QUIET_SECONDS - quiet_for, 0.001)))
 
     def stop(self) -> None:
         self._stop.set()

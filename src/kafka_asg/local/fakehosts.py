@@ -34,6 +34,7 @@ class FakeHosts(HostMachinery):
         self.destroyed: list[str] = []
         self.listening: list[tuple[IPv4Address, int]] = []
         self.exec_calls: list[tuple[str, tuple[str, ...]]] = []
+        self.attach_batches: list[tuple[str, tuple[str, ...]]] = []  # (instance, volume ids) per attach_volumes
         self.torn_down = False
         self._sockets: list[socket.socket] = []
 
@@ -86,6 +87,7 @@ class FakeHosts(HostMachinery):
                     raise HostError(f"{volume.volume_id} is still attached to {other_id}")
         for volume in volumes:
             self._host(instance_id).volumes[volume.volume_id] = volume
+        self.attach_batches.append((instance_id, tuple(v.volume_id for v in volumes)))
 
     def detach_volume(self, instance_id: str, volume_id: str) -> None:
         host = self.hosts.get(instance_id)
