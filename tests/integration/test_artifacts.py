@@ -165,11 +165,14 @@ def test_agent_zipapp_runs_on_system_python_with_the_standard_library_and_kazoo(
     assert "outside the zipapp: []" in proc.stdout, proc.stdout
     assert built.agent.path.read_bytes().startswith(b"#!/usr/bin/env python3\n")
     # Bytecode beside every module, where zipimport looks for it (nothing is compiled at an agent's start).
+    # Stored, not deflated: zipimport would inflate each module at every agent start.
     with zipfile.ZipFile(built.agent.path) as pyz:
         names = set(pyz.namelist())
+        deflated_bytecode = [i.filename for i in pyz.infolist() if i.filename.endswith(".pyc") and i.compress_type]
     sources = {n for n in names if n.endswith(".py")}
     assert "__main__.py" in sources and "kafka_asg/agent/aws.py" in sources and "kazoo/client.py" in sources
     assert {n for n in sources if n + "c" not in names} == set()
+    assert deflated_bytecode == []
 
 
 @pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason="no /usr/bin/python3.11 on this machine")

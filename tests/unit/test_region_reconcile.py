@@ -293,6 +293,37 @@ def test_imds_source_answers_by_primary_ip_and_by_eni_ip(region: Region) -> None
     assert region.daemon.imds_source(IPv4Address("10.0.0.60")) is None
 
 
+def test_imds_looks_an_instance_up_once_until_an_api_call_or_a_tick(region: Region) -> None:
+    from werkzeug.serving import make_server
+
+    iid = run(region)
+    region.cycle(advance=1.5)
+    primary = IPv4Address(
+        region.ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]["PrivateIpAddress"]
+    )
+    first = region.daemon.imds_source(primary)
+    assert first is not None and [n.device_number for n in first.nics] == [0]
+    assert region.daemon.imds_source(primary) is first  # an agent's identity, nine reads side by side: one lookup
+    region.cycle()
+    assert region.daemon.imds_source(primary) is not first
+    server = make_server("127.0.0.1", 0, region.daemon.wsgi_app(admin=False), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        served = boto3.client(
+            "ec2", region_name=REGION, endpoint_url=f"http://127.0.0.1:{server.server_port}",
+            aws_access_key_id="testing", aws_secret_access_key="testing",
+        )  # fmt: skip
+        eni_id = served.create_network_interface(SubnetId=region.subnet_ids["eu-west-1a"], PrivateIpAddress="10.0.0.53")
+        served.attach_network_interface(
+            NetworkInterfaceId=eni_id["NetworkInterface"]["NetworkInterfaceId"], InstanceId=iid, DeviceIndex=1
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    after = region.daemon.imds_source(primary)
+    assert after is not None and [n.device_number for n in after.nics] == [0, 1]  # the attach is seen at once
+
+
 def test_plan_removes_before_it_adds() -> None:
     spec = InstanceSpec("i-new", IPv4Address("10.0.0.20"), "02:00:00:00:00:01", IPv4Network("10.0.0.16/28"))
     observed = Observed(instances=(ObservedInstance(spec, "running", None, "eu-west-1b"),))

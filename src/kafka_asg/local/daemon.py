@@ -371,6 +371,7 @@ class RegionDaemon:
     _imaged: frozenset[VolumeSpec] | None = None  # the volumes _sync_images last made images for
     _api_calls: int = 0  # EC2 / Auto Scaling requests being served or waiting for the lock
     _api_call_began: float = 0.0  # time.monotonic() of the latest one's arrival
+    _imds_views: dict[IPv4Address, ImdsView | None] = field(default_factory=dict)  # imds_source's, under the lock
     _api_calls_changed: threading.Condition = field(default_factory=threading.Condition)
 
     def __post_init__(self) -> None:
@@ -409,13 +410,20 @@ class RegionDaemon:
         return str(vpc.id)
 
     def imds_source(self, address: IPv4Address) -> ImdsView | None:
+        """What IMDS shows the instance at ``address``. Kept until the next API call or tick (the only things that
+        change it): an agent reads its identity as nine requests side by side, each of which looked it up anew."""
         with self.strict.lock:
-            for instance in self.ec2.all_instances():
-                if instance.state not in ("pending", "running"):
-                    continue
-                for eni in instance.nics.values():
-                    if eni.private_ip_address and IPv4Address(eni.private_ip_address) == address:
-                        return imds_view(self.ec2, self.iam, instance, self.spec.region)
+            if address not in self._imds_views:
+                self._imds_views[address] = self._find_imds_view(address)
+            return self._imds_views[address]
+
+    def _find_imds_view(self, address: IPv4Address) -> ImdsView | None:
+        for instance in self.ec2.all_instances():
+            if instance.state not in ("pending", "running"):
+                continue
+            for eni in instance.nics.values():
+                if eni.private_ip_address and IPv4Address(eni.private_ip_address) == address:
+                    return imds_view(self.ec2, self.iam, instance, self.spec.region)
         return None
 
     # -- the loop --------------------------------------------------------------------------------
@@ -433,6 +441,7 @@ class RegionDaemon:
         # One turn of the lock for both: each turn waits behind the API requests in flight (30-50 ms of a boot).
         with self.strict.lock:
             self.strict.tick([self.spec.region])
+            self._imds_views.clear()
             observed = observe(self.ec2, self.spec, self.paths.volumes_dir)
         self._sync_images(observed.all_volumes)
         done = []
@@ -581,6 +590,7 @@ class RegionDaemon:
                 self._api_call_began = time.monotonic()
             try:
                 with lock:
+                    self._imds_views.clear()  # the call may change what IMDS shows
                     # moto computes the whole response inside the call; the lock keeps ticks out of it.
                     return list(moto_app(environ, start_response))
             finally:
