@@ -342,9 +342,9 @@ def main() -> int:
         "up_local_phases_s": phases,
         "rehearsal_rss_mib": rss,
         "replacements": rounds,
-        "median": {key: median(r[key] for r in rounds) for key in rounds[0] if key != "slot"},
+        "median": {key: round(median(r[key] for r in rounds), 3) for key in rounds[0] if key != "slot"},
         "clean_boots": boots,
-        "clean_boot_median": {key: median(r[key] for r in boots) for key in boots[0] if key != "slot"},
+        "clean_boot_median": {key: round(median(r[key] for r in boots), 3) for key in boots[0] if key != "slot"},
     }
     cli("down", "--local", timeout=600)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
