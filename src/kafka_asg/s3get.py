@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 IMDS = os.environ.get("KAFKA_ASG_IMDS_URL", "http://169.254.169.254")
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -97,6 +97,18 @@ class Response:
         return b"".join(out)
 
 
+# The one TLS context's wrap_socket, made at the first TLS connection (loading the CA bundle takes milliseconds).
+_TLS_WRAP: list[Callable[..., socket.socket]] = []
+
+
+def _tls_wrap(sock: socket.socket, host: str) -> socket.socket:
+    if not _TLS_WRAP:
+        import ssl  # here: 15 ms of imports the rehearsal's plain HTTP never needs
+
+        _TLS_WRAP.append(ssl.create_default_context().wrap_socket)
+    return _TLS_WRAP[0](sock, server_hostname=host)
+
+
 class Connection:
     """One keep-alive HTTP/1.1 connection to ``scheme://netloc``, opened at the first request (again after
     :meth:`close`). ``sock`` is None while closed. Socket errors and timeouts are OSError, as is HttpError."""
@@ -113,9 +125,7 @@ class Connection:
         if self.sock is None or self._stream is None:
             sock = socket.create_connection((self.host, self.port), self.timeout)
             if self.scheme == "https":
-                import ssl  # only for TLS: 15 ms of imports the rehearsal's plain HTTP never needs
-
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+                sock = _tls_wrap(sock, self.host)
             self.sock, self._stream = sock, sock.makefile("rb")
         headers = dict(headers or {})
         lines = [f"{method} {path} HTTP/1.1"]

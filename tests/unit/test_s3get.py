@@ -317,3 +317,65 @@ def test_the_fetcher_runs_the_agent_in_its_own_python_or_the_one_it_fetched_befo
     assert (ran.returncode, ran.stderr.strip()) == (
         1, "s3get: s3://bkt/agent/none.pyz: HTTP 404 (missing object or no permission)"
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- TLS
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for "localhost" signed by its own key (the test's only trusted CA)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def test_https_verifies_the_server_and_makes_its_tls_context_once(
+    aws: tuple[str, type[Aws]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ssl
+
+    cert, key = self_signed(tmp_path)
+    _, handler = aws
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://localhost:{server.server_address[1]}/latest/meta-data/iam/security-credentials/"
+    monkeypatch.setattr(s3get, "_TLS_WRAP", [])
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError):  # an OSError: unreachable, as any failed connection
+            s3get.exchange("GET", url)  # the system's CAs do not know this server
+        monkeypatch.setattr(s3get, "_TLS_WRAP", [])
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # OpenSSL's default verify paths, as on an AMI
+        token = {"x-aws-ec2-metadata-token": "imds-token"}
+        assert s3get.exchange("GET", url, token) == (200, b"the-role")
+        wrap = s3get._TLS_WRAP[0]
+        assert s3get.exchange("GET", url, token) == (200, b"the-role")
+        assert len(s3get._TLS_WRAP) == 1 and s3get._TLS_WRAP[0] is wrap  # one context for every connection
+    finally:
+        server.shutdown()
+        server.server_close()
