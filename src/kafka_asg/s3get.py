@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 
 IMDS = os.environ.get("KAFKA_ASG_IMDS_URL", "http://169.254.169.254")
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 MAX_LINE = 65536
 CHUNK = 1 << 20
 
@@ -44,17 +45,23 @@ class HttpError(ConnectionError):
 class Response:
     """An answer: ``status``, ``headers`` (lower-case names), and its body through :meth:`read`."""
 
-    def __init__(self, stream: io.BufferedReader, status: int, headers: dict[str, str], has_body: bool) -> None:
+    def __init__(
+        self, stream: io.BufferedReader, status: int, headers: dict[str, str], has_body: bool, http10: bool = False
+    ) -> None:
         self.status, self.headers, self._stream = status, headers, stream
         self.chunked = has_body and "chunked" in headers.get("transfer-encoding", "").lower()
         sized = has_body and not self.chunked and "content-length" in headers
         # Bytes of the body still to come: known for a sized body (0 without one), None for chunked or to-the-close.
         self.length: int | None = None if has_body else 0
         if sized:
-            if not headers["content-length"].isdigit():
+            if not _decimal(headers["content-length"]):
                 raise HttpError(f"bad content-length {headers['content-length'][:40]!r}")
             self.length = int(headers["content-length"])
-        self.will_close = headers.get("connection", "").lower() == "close" or (self.length is None and not self.chunked)
+        tokens = {t.strip() for t in headers.get("connection", "").lower().split(",")}
+        # HTTP/1.0 closes unless the answer says keep-alive; 1.1 keeps the connection unless it says close.
+        self.will_close = (
+            "close" in tokens or (http10 and "keep-alive" not in tokens) or (self.length is None and not self.chunked)
+        )
         self._chunk_left: int | None = None  # chunked: bytes left in the current chunk; None: read a size line
 
     def read(self, amt: int | None = None) -> bytes:
@@ -74,13 +81,13 @@ class Response:
         out: list[bytes] = []
         while amt is None or amt > 0:
             if self._chunk_left is None:
-                line = self._stream.readline(MAX_LINE)
-                try:
-                    self._chunk_left = int(line.split(b";", 1)[0], 16)
-                except ValueError:
-                    raise HttpError(f"bad chunk size line {line[:40]!r}") from None
+                line = _line(self._stream)
+                size = line.split(b";", 1)[0].strip()
+                if not size or not HEX_DIGITS.issuperset(size):
+                    raise HttpError(f"bad chunk size line {line[:40]!r}")
+                self._chunk_left = int(size, 16)
                 if self._chunk_left == 0:  # the last chunk: skip any trailer fields up to the empty line
-                    while self._stream.readline(MAX_LINE).strip():
+                    while _line(self._stream).strip():
                         pass
                     self.chunked, self.length = False, 0
                     break
@@ -92,9 +99,21 @@ class Response:
             self._chunk_left -= take
             amt = None if amt is None else amt - take
             if self._chunk_left == 0:
-                self._stream.readline(MAX_LINE)  # the CRLF after the chunk's data
+                _line(self._stream)  # the CRLF after the chunk's data
                 self._chunk_left = None
         return b"".join(out)
+
+
+def _decimal(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # str.isdigit alone takes "²"
+
+
+def _line(stream: io.BufferedReader) -> bytes:
+    """One line, up to its LF; b"" at the end of the stream; HttpError when longer than MAX_LINE."""
+    line = stream.readline(MAX_LINE)
+    if line and not line.endswith(b"\n") and len(line) >= MAX_LINE:
+        raise HttpError(f"a line of the answer is longer than {MAX_LINE} bytes")
+    return line
 
 
 # The one TLS context's wrap_socket, made at the first TLS connection (loading the CA bundle takes milliseconds).
@@ -125,7 +144,11 @@ class Connection:
         if self.sock is None or self._stream is None:
             sock = socket.create_connection((self.host, self.port), self.timeout)
             if self.scheme == "https":
-                sock = _tls_wrap(sock, self.host)
+                try:
+                    sock = _tls_wrap(sock, self.host)
+                except BaseException:
+                    sock.close()
+                    raise
             self.sock, self._stream = sock, sock.makefile("rb")
         headers = dict(headers or {})
         lines = [f"{method} {path} HTTP/1.1"]
@@ -139,23 +162,24 @@ class Connection:
 
     @staticmethod
     def _response(stream: io.BufferedReader, method: str) -> Response:
-        line = stream.readline(MAX_LINE)
-        if not line:  # a keep-alive connection the server had closed (http.client: RemoteDisconnected)
-            raise ConnectionResetError("the server closed the connection before answering")
-        parts = line.decode("latin-1").split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-            raise HttpError(f"not an HTTP answer: {line[:60]!r}")
-        headers: dict[str, str] = {}
-        while (field := stream.readline(MAX_LINE)).strip():
-            name, _, value = field.decode("latin-1").partition(":")
-            name, value = name.strip().lower(), value.strip()
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        if not field:
-            raise HttpError("the answer's header broke off")
-        status = int(parts[1])
-        if 100 <= status < 200:  # an interim answer; the final one follows
-            return Connection._response(stream, method)
-        return Response(stream, status, headers, has_body=method != "HEAD" and status not in (204, 304))
+        while True:  # past any interim (1xx) answers to the final one
+            line = _line(stream)
+            if not line:  # a keep-alive connection the server had closed (http.client: RemoteDisconnected)
+                raise ConnectionResetError("the server closed the connection before answering")
+            parts = line.decode("latin-1").split(None, 2)
+            if len(parts) < 2 or not parts[0].startswith("HTTP/") or not _decimal(parts[1]):
+                raise HttpError(f"not an HTTP answer: {line[:60]!r}")
+            headers: dict[str, str] = {}
+            while (field := _line(stream)).strip():
+                name, _, value = field.decode("latin-1").partition(":")
+                name, value = name.strip().lower(), value.strip()
+                headers[name] = f"{headers[name]}, {value}" if name in headers else value
+            if not field:
+                raise HttpError("the answer's header broke off")
+            status = int(parts[1])
+            if not 100 <= status < 200:
+                has_body = method != "HEAD" and status not in (204, 304)
+                return Response(stream, status, headers, has_body, http10=parts[0] == "HTTP/1.0")
 
     def close(self) -> None:
         sock, stream, self.sock, self._stream = self.sock, self._stream, None, None
@@ -190,9 +214,15 @@ def instance_credentials() -> dict[str, str]:
     token = {
         "X-aws-ec2-metadata-token": _imds("PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "300"})
     }
-    role = _imds("GET", "/latest/meta-data/iam/security-credentials/", token).split()[0]
-    creds: dict[str, str] = json.loads(_imds("GET", "/latest/meta-data/iam/security-credentials/" + role, token))
-    return creds
+    roles = _imds("GET", "/latest/meta-data/iam/security-credentials/", token).split()
+    if not roles:
+        raise OSError("IMDS lists no instance role yet")
+    creds = json.loads(_imds("GET", "/latest/meta-data/iam/security-credentials/" + roles[0], token))
+    # Right after boot IMDS may answer with a Code other than Success and no keys (the role still propagating).
+    if not isinstance(creds, dict) or not {"AccessKeyId", "SecretAccessKey"} <= creds.keys():
+        code = creds.get("Code") if isinstance(creds, dict) else None
+        raise OSError(f"IMDS has no credentials for role {roles[0]} yet ({code or 'no keys'})")
+    return {str(k): str(v) for k, v in creds.items()}
 
 
 def _hmac(key: bytes, msg: str) -> bytes:

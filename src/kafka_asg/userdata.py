@@ -17,7 +17,9 @@ from __future__ import annotations
 import ast
 import base64
 import gzip
+import io
 import shlex
+import tokenize
 from importlib import resources
 
 from kafka_asg.config import ClusterConfig
@@ -105,12 +107,26 @@ echo "kafka-asg: agent service started"
 
 
 def fetcher_source() -> str:
-    """``kafka_asg/s3get.py`` without docstrings (and, parsed and unparsed, without comments): what instances run."""
-    tree = ast.parse(resources.files("kafka_asg").joinpath("s3get.py").read_text())
-    for node in ast.walk(tree):
+    """``kafka_asg/s3get.py`` without its docstrings, comments and blank lines, otherwise as written: what instances
+    run. Cut by line, never parsed and unparsed: ``ast.unparse`` of Python 3.12 writes f-strings that 3.11, which an
+    instance may run, cannot read."""
+    source = resources.files("kafka_asg").joinpath("s3get.py").read_text()
+    lines = dict(enumerate(source.splitlines(keepends=True), 1))
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node) is not None:
-            node.body = node.body[1:] or [ast.Pass()]
-    return ast.unparse(tree) + "\n"
+            doc = node.body[0]
+            for n in range(doc.lineno, (doc.end_lineno or doc.lineno) + 1):
+                lines[n] = ""
+            if len(node.body) == 1:  # a body of nothing but its docstring
+                lines[doc.lineno] = " " * doc.col_offset + "pass\n"
+    in_strings: set[int] = set()  # lines inside a multi-line string: kept as they are
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.STRING and token.end[0] > token.start[0]:
+            in_strings.update(range(token.start[0] + 1, token.end[0] + 1))
+        elif token.type == tokenize.COMMENT and lines[token.start[0]]:
+            kept = lines[token.start[0]][: token.start[1]].rstrip()
+            lines[token.start[0]] = kept + "\n" if kept else ""
+    return "".join(line for n, line in lines.items() if line.strip() or n in in_strings)
 
 
 def embedded(source: str) -> str:

@@ -9,6 +9,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import boto3
 import pytest
 from moto import mock_aws
 
+from kafka_asg.agent.aws import AwsCloud, Credentials
+from kafka_asg.agent.concurrency import at_once
 from kafka_asg.config import Subnet
 from kafka_asg.local.daemon import (
     Applied,
@@ -186,26 +189,17 @@ def test_attaches_sent_over_a_few_ms_are_plugged_in_one_batch(region: Region) ->
     region.cycle()  # their images
     server = make_server("127.0.0.1", 0, region.daemon.wsgi_app(admin=False), threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    served = boto3.client(
-        "ec2", region_name=REGION, endpoint_url=f"http://127.0.0.1:{server.server_port}",
-        aws_access_key_id="testing", aws_secret_access_key="testing",
-    )  # fmt: skip
+    # The agent's own client and its side-by-side calls (a thread and a connection each: they arrive ms apart).
+    agent_cloud = AwsCloud(REGION, Credentials("testing", "testing"), f"http://127.0.0.1:{server.server_port}")
     region.daemon.spec = replace(region.daemon.spec, loop_interval=600.0)
     loop = threading.Thread(target=region.daemon.run, daemon=True)
     loop.start()
     try:
         time.sleep(0.2)  # the loop's first cycle, then its long wait
-        # Side by side, as the agent sends them (each thread its own connection: they arrive a few ms apart).
-        calls = [
-            threading.Thread(
-                target=lambda n=n, v=v: served.attach_volume(VolumeId=v, InstanceId=iid, Device=f"/dev/sd{'fgh'[n]}")
-            )
-            for n, v in enumerate(volumes)
-        ]
-        for call in calls:
-            call.start()
-        for call in calls:
-            call.join()
+        failures = at_once(
+            {v: partial(agent_cloud.attach_volume, v, iid, f"/dev/sd{'fgh'[n]}") for n, v in enumerate(volumes)}
+        )
+        assert failures == {}
         deadline = time.monotonic() + 10
         while len(region.hosts.hosts[iid].volumes) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -115,6 +115,9 @@ def test_user_data_is_valid_sh_and_small(seed_like: ClusterConfig, tmp_path: Pat
     fetcher = tmp_path / "s3get.py"
     subprocess.run(["sh", "-euc", f"FETCHER={fetcher}\n{decode}mv $FETCHER.part $FETCHER"], check=True)
     assert fetcher.read_text() == fetcher_source()
+    system_python = Path("/usr/bin/python3.11")  # what an instance may run (fetcher_source never unparses)
+    if system_python.exists():
+        subprocess.run([str(system_python), "-I", "-S", "-m", "py_compile", str(fetcher)], check=True)
     assert ast.dump(ast.parse(fetcher.read_text())) == ast.dump(without_docstrings(Path(s3get.__file__).read_text()))
 
 
@@ -219,6 +222,42 @@ def test_a_short_or_cut_answer_is_an_error_and_a_closed_connection_says_so() -> 
     conn.close()
     last = conn.request("GET", "/")
     assert (last.will_close, last.read()) == (True, b"rest")  # delimited by the close
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"HTTP/1.1 \xb200 OK\r\n\r\n", "not an HTTP answer"),  # a digit to str.isdigit, not to HTTP
+        (ok(b"x", "Content-Length: \xb2"), "bad content-length"),
+        (ok(b"-2\r\nab\r\n0\r\n\r\n", "Transfer-Encoding: chunked"), "bad chunk size line"),
+        (ok(b"0x2\r\nab\r\n0\r\n\r\n", "Transfer-Encoding: chunked"), "bad chunk size line"),
+        (b"HTTP/1.1 200 OK\r\nx-long: " + b"a" * 70000 + b"\r\n\r\n", "longer than 65536 bytes"),
+    ],
+)
+def test_malformed_answers_are_http_errors(answer: bytes, error: str) -> None:
+    server = RawServer([(answer,)])
+    conn = s3get.Connection("http", f"127.0.0.1:{server.port}", 5.0)
+    with pytest.raises(s3get.HttpError, match=error):
+        conn.request("GET", "/").read()
+    conn.close()
+
+
+def test_an_http10_answer_closes_unless_kept_alive_and_interim_answers_are_skipped() -> None:
+    server = RawServer(
+        [
+            b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\na",
+            b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 1\r\n\r\nb",
+            b"HTTP/1.1 100 Continue\r\n\r\n" * 3 + ok(b"c", "Content-Length: 1", "Connection: keep-alive, close"),
+        ]
+    )
+    conn = s3get.Connection("http", f"127.0.0.1:{server.port}", 5.0)
+    first = conn.request("GET", "/")
+    assert (first.will_close, first.read()) == (True, b"a")
+    second = conn.request("GET", "/")
+    assert (second.will_close, second.read()) == (False, b"b")
+    third = conn.request("GET", "/")
+    assert (third.status, third.will_close, third.read()) == (200, True, b"c")
     conn.close()
 
 

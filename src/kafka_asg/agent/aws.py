@@ -290,6 +290,7 @@ class AwsCloud(Cloud):
             data = response.read()
         except OSError:
             data = b""
+            self._drop(parts)  # the rest of the answer would be read as the next one's
         if response.will_close:
             self._drop(parts)
         code, message = error_of(response.status, data)
@@ -441,8 +442,8 @@ class AwsCloud(Cloud):
 
         def once() -> None:
             response = self._send(what, resource, "GET", "s3", url)
-            sink = begin()
             try:
+                sink = begin()
                 while chunk := self._read(what, parts, response, CHUNK):  # a short body raises
                     sink(chunk)
             except BaseException:

@@ -915,27 +915,27 @@ def attach_loop(image: Path) -> str:
     """``losetup --find --show IMAGE`` without its process (4-5 ms each, three per boot): the first free loop device
     (LOOP_CTL_GET_FREE) bound to the image (LOOP_SET_FD); another binder taking it first (EBUSY) sends us to the next
     free one. https://man7.org/linux/man-pages/man4/loop.4.html"""
-    control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
-    backing = os.open(image, os.O_RDWR | os.O_CLOEXEC)
     try:
-        for _ in range(16):
-            device = f"/dev/loop{fcntl.ioctl(control, LOOP_CTL_GET_FREE)}"
-            loop = os.open(device, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                fcntl.ioctl(loop, LOOP_SET_FD, backing)
-                return device
-            except OSError as exc:
-                if exc.errno != errno.EBUSY:
-                    raise HostError(f"binding {image} to {device}: {os.strerror(exc.errno or errno.EIO)}") from exc
-            finally:
-                os.close(loop)
-        raise HostError(f"no free loop device for {image}: every one found was taken before we could bind it")
+        with contextlib.ExitStack() as opened:
+            control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+            opened.callback(os.close, control)
+            backing = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+            opened.callback(os.close, backing)
+            for _ in range(16):
+                device = f"/dev/loop{fcntl.ioctl(control, LOOP_CTL_GET_FREE)}"
+                loop = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    fcntl.ioctl(loop, LOOP_SET_FD, backing)
+                    return device
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        raise
+                finally:
+                    os.close(loop)
     except OSError as exc:  # e.g. a /dev without the new loop device's node yet: losetup(8) knows more ways
         logger.debug("binding %s by ioctl: %s; asking losetup", image, exc)
-        return _run(["losetup", "--find", "--show", str(image)]).stdout.strip()
-    finally:
-        os.close(backing)
-        os.close(control)
+    # losetup's own errors (a missing image, no loop support) come as HostError, like every command's here
+    return _run(["losetup", "--find", "--show", str(image)]).stdout.strip()
 
 
 def _rdev(device: str) -> tuple[int, int]:
