@@ -14,7 +14,7 @@ need of HTTP is small: keep-alive, sized or chunked bodies, TLS (https://www.rfc
 
 Usage: ``python3 -I -S s3get.py BUCKET KEY DEST REGION [ARGS...]``: download s3://BUCKET/KEY to DEST; given ARGS,
 run DEST (a zipapp) with them, or the DEST of an earlier start when S3 cannot be reached now. The user data embeds
-this file without its docstrings and comments (:func:`kafka_asg.userdata.embedded`); it must stay self-contained.
+this file without its docstrings and comments (:func:`kafka_asg.userdata.fetcher_source`); it must stay self-contained.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ if ! command -v java >/dev/null 2>&1; then
 fi
 
 mkdir -p "$(dirname "$AGENT")" /var/log/kafka-asg
-# The fetcher: kafka_asg/s3get.py (stdlib only) without its docstrings, gzip'd and base64'd to fit in here.
+# The fetcher: kafka_asg/s3get.py (stdlib only) without docstrings and comments, gzip'd and base64'd to fit here.
 base64 -d <<'S3GET' | gzip -dc > "$FETCHER.part"
 {fetcher}
 S3GET
