@@ -50,7 +50,7 @@ from kafka_asg.agent.decide import (
     decide,
 )
 from kafka_asg.agent.ports import Cloud, Host, Imds, InstanceIdentity, ServerName, Services
-from kafka_asg.agent.reads import ALL_READS, VOLUME_READS, ReadKind, RecentReads
+from kafka_asg.agent.reads import ALL_READS, READS_MAX_AGE, VOLUME_READS, ReadKind, RecentReads
 from kafka_asg.agent.snapshot import MARKER_NAME, SERVER_NAMES, Memory, NodeView, observe, remember
 from kafka_asg.agent.status import Status, write_status
 from kafka_asg.config import ClusterConfig, VolumeRole
@@ -126,9 +126,8 @@ class AgentSettings:
     device_interval: float = 0.05
     device_fast_seconds: float = 1.0
     device_look_interval: float = 0.005  # ... and meanwhile a look at the awaited volumes' device links (a stat)
-    # EC2, IMDS lifecycle, NIC and blkid reads reused across waits on its own devices and servers (reads.py), for
-    # at most a serving cycle: a booting node never looks at its slot less often than a serving one.
-    reads_max_age: float = 5.0
+    # EC2, IMDS lifecycle, NIC and blkid reads reused across waits on its own devices and servers (reads.py)
+    reads_max_age: float = READS_MAX_AGE
     watched_interval: float = 2.0  # a wait a ZooKeeper watch ends (pace "watched"): the poll is the fallback
     serving_interval: float = 5.0  # also standby and refused
     heartbeat_seconds: float = 60.0  # report() at least this often, even when nothing changed
@@ -149,9 +148,9 @@ class Prefetch:
     """``step(name)`` for each of ``names`` in turn, in a background thread; :meth:`result` waits for one name
     and re-raises the error that stopped the thread.
 
-    The install (download, sha256, unpack) needs no slot, so the daemon starts it right after the first
-    cycle: it then overlaps the claim, the wait for a dying holder, the attaches and the mounts instead of
-    following them; and ZooKeeper, installed first, starts while Kafka's archive is unpacked. Decisions stay
+    The install (download, sha256, unpack) needs no slot, so the daemon starts it in the first cycle, once the
+    warm-pool state is known: it then overlaps the claim, the wait for a dying holder, the attaches and the mounts
+    instead of following them; and ZooKeeper, installed first, starts while Kafka's archive is unpacked. Decisions stay
     in the loop: the Install step calls :meth:`result`. After an error (or without a start, as in the unit
     tests' ``run_cycle``) :meth:`result` runs the step inline. A ``held`` name's step runs at a background thread
     priority (:meth:`background`) and waits in :meth:`hold` (before its unpack) until :meth:`release`, or until the

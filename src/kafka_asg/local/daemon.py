@@ -670,7 +670,7 @@ class RegionDaemon:
         most ``SETTLE_SECONDS``). A booting instance sends its slot's three AttachVolume calls and its scale-in
         protection side by side, and they arrive over 5-10 ms (threads, connections); a reconcile between them took
         the lock for its tick and observation from the ones still waiting, and plugged the volumes in two batches
-        (each one ``losetup`` listing and one process in the instance) instead of one."""
+        (each one loop table read and one process in the instance) instead of one."""
         deadline = time.monotonic() + SETTLE_SECONDS
         with self._api_calls_changed:
             while (now := time.monotonic()) < deadline:

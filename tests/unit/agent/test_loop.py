@@ -11,6 +11,7 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -650,29 +651,34 @@ def test_tags_are_reported_on_change_and_as_heartbeat(world: FakeWorld, clock: F
 # ------------------------------------------------------------------------------ the daemon
 
 
-def test_run_forever_boots_then_stops_on_sigterm(world: FakeWorld, tmp_path: Path) -> None:
-    real = SystemClockForTest()
-    node = boot(world, tmp_path, "i-first", real)
-    node.agent.settings = AgentSettings(booting_interval=0.01, serving_interval=0.01)
+def run_forever_until_serving(node: Node, stop: Callable[[], None]) -> bool:
+    """The daemon (``run_forever``, which must end with 0), and a watcher that calls ``stop`` once the agent serves,
+    or after 20 s. Whether it served."""
     served = threading.Event()
 
     def stop_when_serving() -> None:
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if node.agent.state == "serving":
-                served.set()
-                break
+        while node.agent.state != "serving" and time.monotonic() < deadline:
             time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGTERM)
+        if node.agent.state == "serving":
+            served.set()
+        stop()
 
-    before = signal.getsignal(signal.SIGTERM)
     watcher = threading.Thread(target=stop_when_serving)
     watcher.start()
     try:
         assert node.agent.run_forever() == 0
     finally:
         watcher.join()
-    assert served.is_set()
+    return served.is_set()
+
+
+def test_run_forever_boots_then_stops_on_sigterm(world: FakeWorld, tmp_path: Path) -> None:
+    real = SystemClockForTest()
+    node = boot(world, tmp_path, "i-first", real)
+    node.agent.settings = AgentSettings(booting_interval=0.01, serving_interval=0.01)
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_forever_until_serving(node, lambda: os.kill(os.getpid(), signal.SIGTERM))
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
     assert node.services.events[-2:] == ["stop kafka", "stop zookeeper"]
     status = read_status(node.paths.status_file)
@@ -699,19 +705,7 @@ def test_the_daemon_downloads_the_archives_from_its_first_cycle_on_before_its_cl
 
     monkeypatch.setattr(cloud, "download", watched_download)
     monkeypatch.setattr(cloud, "attach_eni", watched_attach)
-
-    def stop_when_serving() -> None:
-        deadline = time.monotonic() + 20
-        while node.agent.state != "serving" and time.monotonic() < deadline:
-            time.sleep(0.01)
-        node.agent.request_stop()
-
-    watcher = threading.Thread(target=stop_when_serving)
-    watcher.start()
-    try:
-        assert node.agent.run_forever() == 0
-    finally:
-        watcher.join()
+    assert run_forever_until_serving(node, node.agent.request_stop)
     assert claim_saw_a_download == [True]  # the prefetch was under way while the first cycle claimed
 
 
