@@ -89,11 +89,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     from kafka_asg.agent.aws import AwsCloud, CredentialChain
     from kafka_asg.agent.imds import HttpImds
-    from kafka_asg.agent.loop import AgentSettings
+    from kafka_asg.agent.reads import READS_MAX_AGE
 
     paths = AgentPaths(root=args.root)
-    settings = AgentSettings()
-    imds = HttpImds(args.imds_url, lifecycle_max_age=settings.reads_max_age)
+    # Nothing from the loop's modules before the inputs are read: waiting here for the thread importing them would
+    # put those imports back in front of the first request.
+    imds = HttpImds(args.imds_url, lifecycle_max_age=READS_MAX_AGE)
     cloud = AwsCloud(args.region, CredentialChain(imds), endpoint_url=args.endpoint_url)
     startup = Retry(deadline=STARTUP_DEADLINE, delay=1.0, max_delay=15.0)
     try:
@@ -103,9 +104,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except NotFoundError as exc:
         raise ConfigError([f"{exc}: has `kafka-asg up` uploaded the cluster's files to s3://{args.bucket}?"]) from exc
     from kafka_asg.agent.linux import LinuxHost
-    from kafka_asg.agent.loop import Agent
+    from kafka_asg.agent.loop import Agent, AgentSettings
     from kafka_asg.agent.servers import ProcessServices
     from kafka_asg.config import config_from_document
+
+    settings = AgentSettings()
 
     cfg = config_from_document(
         json.loads((base / "cluster.json").read_text()),

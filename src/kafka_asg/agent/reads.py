@@ -24,6 +24,9 @@ from typing import Literal, TypeVar, cast
 from kafka_asg.agent.ports import Cloud, EniView, InstanceState, VolumeView
 
 T = TypeVar("T")
+# The default for how long EC2, IMDS lifecycle, NIC and blkid reads are reused across the node's own waits: at most a
+# serving cycle, so a booting node never looks at its slot less often than a serving one (AgentSettings).
+READS_MAX_AGE = 5.0
 ReadKind = Literal["enis", "volumes", "instance volumes", "state"]
 ALL_READS: tuple[ReadKind, ...] = ("enis", "volumes", "instance volumes", "state")
 # What attaching a volume makes stale: the volume reads only (the ENIs and instance states are unchanged).
